@@ -1,0 +1,61 @@
+# The task-pipeline Python application, built from this repository.
+# Called from flake.nix as `python3Packages.callPackage ./nix/package.nix { }`.
+{
+  lib,
+  buildPythonApplication,
+  hatchling,
+  aiosqlite,
+  anyio,
+  blake3,
+  rich,
+  tomli-w,
+  pytestCheckHook,
+  hypothesis,
+}:
+
+let
+  pyproject = lib.importTOML ../pyproject.toml;
+in
+buildPythonApplication {
+  pname = "task-pipeline";
+  inherit (pyproject.project) version;
+  pyproject = true;
+
+  # Only what the build needs: a change to nix/ or to docs does not rebuild.
+  src = lib.fileset.toSource {
+    root = ../.;
+    fileset = lib.fileset.unions [
+      ../pyproject.toml
+      ../README.md # pyproject.toml's `readme`: hatchling needs it
+      ../task_pipeline
+      ../tests
+    ];
+  };
+
+  build-system = [ hatchling ];
+
+  # Keep in step with [project].dependencies in pyproject.toml (tests/test_nix.py checks it).
+  dependencies = [
+    aiosqlite
+    anyio
+    blake3
+    rich
+    tomli-w
+  ];
+
+  nativeCheckInputs = [
+    pytestCheckHook
+    hypothesis
+  ];
+
+  # The tests call the CLI as `sys.executable -m task_pipeline`; tests that need
+  # `nix` itself skip without it (there is no nix inside the build sandbox).
+  pythonImportsCheck = [ "task_pipeline" ];
+
+  meta = {
+    description = pyproject.project.description;
+    license = lib.licenses.mit;
+    mainProgram = "task-pipeline";
+    platforms = lib.platforms.linux;
+  };
+}

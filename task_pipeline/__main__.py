@@ -1,0 +1,3 @@
+from task_pipeline.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,171 @@
+"""Output for people and for log shippers (SPEC section 9).
+
+On a terminal: a live progress display per step (rich) and summary tables.
+Otherwise: plain lines with a timestamp and a level, or one JSON object per
+line (`--log-format json`), which is what journald and log shippers want.
+Everything the user reads goes through here, so `-quiet` and `-verbose` mean
+the same thing in every command.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Iterable
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.table import Table
+from rich import box
+
+from task_pipeline.state import Claimed, CommitReport, Result
+
+LEVELS = {"debug": 10, "info": 20, "warning": 30, "error": 40}
+
+
+@dataclass
+class Output:
+    """Where messages go, and how loud they are."""
+
+    verbose: bool = False
+    quiet: bool = False
+    log_format: str = "auto"   # auto | plain | json
+    out: Console = field(default_factory=lambda: Console(highlight=False, soft_wrap=True))
+    err: Console = field(default_factory=lambda: Console(stderr=True, highlight=False, soft_wrap=True))
+
+    @property
+    def live(self) -> bool:
+        return self.log_format == "auto" and self.err.is_terminal and not self.quiet
+
+    def log(self, level: str, text: str, **fields) -> None:
+        if self.quiet and LEVELS[level] < LEVELS["error"]:
+            return
+        if level == "debug" and not self.verbose:
+            return
+        if self.log_format == "json":
+            sys.stderr.write(json.dumps({"ts": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "level": level,
+                                         "msg": text, **fields}) + "\n")
+            sys.stderr.flush()
+        elif self.log_format == "plain" or not self.err.is_terminal:
+            sys.stderr.write(f"{time.strftime('%Y-%m-%dT%H:%M:%S')} {level.upper():7} {text}\n")
+            sys.stderr.flush()
+        else:
+            style = {"warning": "yellow", "error": "bold red", "debug": "dim"}.get(level)
+            prefix = {"warning": "warning: ", "error": "error: "}.get(level, "")
+            self.err.print(prefix + text, style=style, markup=False)
+
+    def print(self, renderable) -> None:
+        """Results (tables, lists) go to stdout, even with -quiet."""
+        self.out.print(renderable)
+
+
+class RunReporter:
+    """Follows a run: live progress on a terminal, periodic plain lines otherwise."""
+
+    def __init__(self, output: Output, pending: dict[str, int], order: Iterable[str]) -> None:
+        self.o = output
+        self.order = list(order)
+        self.total: Counter = Counter(pending)
+        self.finished: Counter = Counter()
+        self.failed: Counter = Counter()
+        self.running: Counter = Counter()
+        self._last_plain = time.monotonic()
+        self._progress: Progress | None = None
+        self._rows: dict[str, int] = {}
+
+    def __enter__(self) -> "RunReporter":
+        if self.o.live:
+            self._progress = Progress(
+                TextColumn("{task.description:<16}"), BarColumn(), MofNCompleteColumn(),
+                TextColumn("{task.fields[running]:>3} running  {task.fields[failed]:>3} failed"),
+                TextColumn("{task.speed_text}"), TimeRemainingColumn(),
+                console=self.o.err, transient=False, refresh_per_second=8,
+            )
+            self._progress.__enter__()
+            for name in self.order:
+                self._row(name)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._progress is not None:
+            self._refresh_all()
+            self._progress.__exit__(*exc)
+
+    def _row(self, name: str) -> None:
+        if self._progress is not None and name not in self._rows:
+            self._rows[name] = self._progress.add_task(name, total=self.total[name] or None, running=0, failed=0,
+                                                       speed_text="")
+
+    def _refresh(self, name: str) -> None:
+        if self._progress is None:
+            return
+        self._row(name)
+        p = self._progress
+        tid = self._rows[name]
+        task = p.tasks[tid] if tid < len(p.tasks) else None
+        speed = f"{task.speed:6.1f}/s" if task is not None and task.speed else ""
+        p.update(tid, total=max(self.total[name], self.finished[name]) or None, completed=self.finished[name],
+                 running=self.running[name], failed=self.failed[name], speed_text=speed)
+
+    def _refresh_all(self) -> None:
+        for name in list(self._rows):
+            self._refresh(name)
+
+    def task_started(self, c: Claimed) -> None:
+        self.running[c.step.name] += 1
+        if self.o.verbose and not self.o.live:
+            self.o.log("debug", f"[{c.step.name}#{c.task_id}] start {c.input_name or '(start)'} attempt {c.attempt}")
+        self._refresh(c.step.name)
+
+    def committed(self, rep: CommitReport) -> None:
+        for name, n in rep.created.items():
+            self.total[name] += n
+        touched = set(rep.created)
+        for r in rep.done + rep.failed + rep.retrying + rep.stale + rep.requeued:
+            self.running[r.step] -= 1
+            touched.add(r.step)
+        for r in rep.done:
+            self.finished[r.step] += 1
+            if self.o.verbose and not self.o.live:
+                self.o.log("debug", f"[{r.step}#{r.task_id}] done in {r.finished_at - r.started_at:.2f}s, "
+                                    f"{len(r.outputs)} output(s)")
+        for r in rep.failed:
+            self.finished[r.step] += 1
+            self.failed[r.step] += 1
+            self.o.log("error", f"[{r.step}#{r.task_id}] {r.input_name or '(start)'} failed: {r.error}"
+                                + (f": {r.stderr_tail}" if r.stderr_tail else ""))
+        for r in rep.retrying:
+            self.o.log("warning", f"[{r.step}#{r.task_id}] {r.input_name or '(start)'} attempt {r.attempt} failed "
+                                  f"({r.error}); retrying")
+        for name in touched:
+            self._refresh(name)
+        if self._progress is None and not self.o.quiet and time.monotonic() - self._last_plain > 5:
+            self._last_plain = time.monotonic()
+            parts = [f"{n} {self.finished[n]}/{self.total[n]}" for n in self.order if self.total[n]]
+            self.o.log("info", "progress: " + ", ".join(parts))
+
+    def log(self, level: str, text: str) -> None:
+        self.o.log(level, text)
+
+
+def table(title: str | None, columns: list[str], rows: list[list], right: Iterable[str] = ()) -> Table:
+    t = Table(title=title, box=box.SIMPLE_HEAD, title_justify="left", show_edge=False, pad_edge=False)
+    right = set(right)
+    for c in columns:
+        t.add_column(c, justify="right" if c in right else "left", overflow="fold")
+    for r in rows:
+        t.add_row(*["" if v is None else str(v) for v in r])
+    return t
+
+
+def failures_table(failed: list[dict]) -> Table:
+    return table("Failed tasks", ["step", "task", "input", "exit", "last stderr line"],
+                 [[f["step"], f["task"], f["input"] or "(start)", f["exit"], f["stderr"] or f["error"] or ""]
+                  for f in failed], right=["task", "exit"])
+
+
+def fmt_rate(n: int, seconds: float) -> str:
+    return f"{n / seconds:.1f}/s" if seconds > 0 and n else "-"

@@ -1,0 +1,253 @@
+"""Scheduler: the async engine that `run` and `serve` share.
+
+One loop claims tasks in batches (leases), a bounded pool of worker threads runs
+them (`executor.execute`), and one committer records finished attempts in
+batches (`state.commit`). Concurrency is anyio's: a task group for the workers,
+a CapacityLimiter for `-parallel`, one per step for the step's `parallel`.
+The database is reached only through `Db`, one call at a time on a thread.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import signal
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+from typing import Callable, Protocol
+
+import anyio
+import anyio.to_thread
+
+from task_pipeline import state
+from task_pipeline.errors import StoreError
+from task_pipeline.executor import KILL_GRACE, Job, ProcessTable, execute
+from task_pipeline.state import Claimed, CommitReport, Result
+from task_pipeline.store import Store
+
+
+class Db:
+    """The store's one SQLite connection, used from one thread at a time."""
+
+    def __init__(self, conn) -> None:
+        self.conn = conn
+        self._limiter = anyio.CapacityLimiter(1)
+
+    async def __call__(self, fn: Callable, *args, **kwargs):
+        return await anyio.to_thread.run_sync(partial(fn, self.conn, *args, **kwargs), limiter=self._limiter)
+
+
+class Reporter(Protocol):
+    def task_started(self, c: Claimed) -> None: ...
+    def committed(self, rep: CommitReport) -> None: ...
+    def log(self, level: str, text: str) -> None: ...
+
+
+@dataclass
+class EngineOptions:
+    parallel: int
+    steps: frozenset[str] | None = None   # only these steps (None: all)
+    fail_fast: bool = False
+    until_idle: bool = True                # run: stop when the pipeline is drained; serve: wait for more
+    lease: float = 30.0                    # seconds; renewed every lease/3 while alive
+    poll: float = 0.25                     # serve: how often to look for work made by other processes
+    grace: float = 30.0                    # on stop: how long running scripts may take to finish
+    kind: str = "run"
+
+
+@dataclass
+class Summary:
+    done: Counter = field(default_factory=Counter)
+    failed: list[Result] = field(default_factory=list)
+    retried: int = 0
+    stale: int = 0
+    requeued: int = 0
+    created: Counter = field(default_factory=Counter)
+    unrouted: Counter = field(default_factory=Counter)
+    store_error: str | None = None
+    started: float = field(default_factory=time.monotonic)
+    elapsed: float = 0.0
+
+    @property
+    def ran(self) -> int:
+        return sum(self.done.values()) + len(self.failed) + self.retried
+
+    def absorb(self, rep: CommitReport) -> None:
+        for r in rep.done:
+            self.done[r.step] += 1
+        self.failed += rep.failed
+        self.retried += len(rep.retrying)
+        self.stale += len(rep.stale)
+        self.requeued += len(rep.requeued)
+        self.created.update(rep.created)
+        self.unrouted.update(rep.unrouted)
+
+
+class _Stop(Exception):
+    pass
+
+
+async def run_engine(db: Db, store: Store, opts: EngineOptions, reporter: Reporter,
+                     stop: anyio.Event | None = None, wake_source: Callable[[], object] | None = None) -> Summary:
+    """Process tasks until the pipeline is drained (`until_idle`) or `stop` is set.
+
+    `wake_source`, if given, is polled cheaply between claims (the daemon passes the
+    database's data_version) so that work submitted by other processes is seen quickly.
+    """
+    owner = state.runner_id()
+    await db(state.register_runner, owner, opts.kind)
+    await db(state.recover)
+    procs = ProcessTable()
+    base_env = dict(os.environ)
+    workers = anyio.CapacityLimiter(opts.parallel)
+    step_limits: dict[str, tuple[int, anyio.CapacityLimiter]] = {}
+    send, recv = anyio.create_memory_object_stream[Result](math.inf)
+    summary = Summary()
+    inflight: Counter = Counter()
+    flags = {"stopping": False, "claimed_any": False}
+    wake = [anyio.Event()]
+
+    def poke() -> None:
+        wake[0].set()
+
+    def step_limiter(c: Claimed) -> anyio.CapacityLimiter:
+        limit = c.step.policy.parallel or opts.parallel
+        have = step_limits.get(c.step.name)
+        if have is None or have[0] != limit:
+            have = (limit, anyio.CapacityLimiter(limit))
+            step_limits[c.step.name] = have
+        return have[1]
+
+    async def worker(c: Claimed) -> None:
+        job = Job(c, store, Path(c.workdir or Path.cwd()), base_env)
+        async with step_limiter(c):
+            if flags["stopping"]:
+                now = time.time()
+                res = Result(c.task_id, c.token, c.step.name, c.attempt, c.input_name, ok=False,
+                             started_at=now, finished_at=now, interrupted=True, error="not started: shutting down")
+            else:
+                reporter.task_started(c)
+                res = await anyio.to_thread.run_sync(execute, job, procs, limiter=workers)
+        await send.send(res)
+
+    async def committer() -> None:
+        async with recv:
+            async for first in recv:
+                batch = [first]
+                while True:
+                    try:
+                        batch.append(recv.receive_nowait())
+                    except anyio.WouldBlock:
+                        break
+                try:
+                    rep = await db(state.commit, batch, owner)
+                except StoreError as e:
+                    summary.store_error = str(e)
+                    flags["stopping"] = True
+                    rep = CommitReport(requeued=batch)
+                for r in batch:
+                    inflight[r.step] -= 1
+                    if r.interrupted and r.error and r.error.startswith("cannot"):
+                        summary.store_error = summary.store_error or r.error
+                        flags["stopping"] = True
+                summary.absorb(rep)
+                reporter.committed(rep)
+                if rep.failed and opts.fail_fast:
+                    flags["stopping"] = True
+                poke()
+
+    async def heartbeat() -> None:
+        while True:
+            await anyio.sleep(opts.lease / 3)
+            await db(state.renew, owner, opts.lease)
+            if await db(state.recover, exclude=owner):
+                poke()
+
+    async def drain_on_stop() -> None:
+        assert stop is not None
+        await stop.wait()
+        flags["stopping"] = True
+        poke()
+        with anyio.move_on_after(opts.grace):
+            while sum(inflight.values()) > 0:
+                await anyio.sleep(0.05)
+        if sum(inflight.values()) > 0:
+            n = procs.signal_all(signal.SIGTERM)
+            reporter.log("warning", f"grace period over: stopping {n} running script(s); their tasks go back to the queue")
+            await anyio.sleep(KILL_GRACE)
+            procs.signal_all(signal.SIGKILL)
+
+    last_seen = wake_source() if wake_source else None
+    try:
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(committer)
+            tg.start_soon(heartbeat)
+            if stop is not None:
+                tg.start_soon(drain_on_stop)
+            while True:
+                total = sum(inflight.values())
+                if not flags["stopping"]:
+                    room = opts.parallel * 2 - total
+                    caps = _caps(await db(state.load_pipeline), opts, inflight) if room > 0 else {}
+                    claimed = await db(state.claim, owner, caps, room, opts.lease) if caps else []
+                    for c in claimed:
+                        inflight[c.step.name] += 1
+                        tg.start_soon(worker, c)
+                    total += len(claimed)
+                if total == 0:
+                    if flags["stopping"]:
+                        break
+                    timeout = opts.poll
+                    if opts.until_idle:
+                        ol = await db(state.outlook, opts.steps)
+                        if ol.runnable == 0 and ol.next_due is None and ol.running == 0:
+                            break
+                        if ol.runnable == 0:
+                            due = (ol.next_due - time.time()) if ol.next_due else opts.poll
+                            timeout = max(0.01, min(due, 0.5))
+                elif flags["stopping"]:
+                    timeout = None
+                else:
+                    timeout = None if opts.until_idle else opts.poll
+                if wake_source is not None and not wake[0].is_set():
+                    # Look for work from other processes without waking the CPU more than needed.
+                    deadline = time.monotonic() + (timeout if timeout is not None else 3600)
+                    while not wake[0].is_set() and time.monotonic() < deadline:
+                        with anyio.move_on_after(min(opts.poll, max(deadline - time.monotonic(), 0))):
+                            await wake[0].wait()
+                        seen = await db(wake_source)
+                        if seen != last_seen:
+                            last_seen = seen
+                            break
+                        if total == 0 and stop is not None and stop.is_set():
+                            break
+                elif timeout is None:
+                    await wake[0].wait()
+                else:
+                    with anyio.move_on_after(timeout):
+                        await wake[0].wait()
+                wake[0] = anyio.Event()
+            send.close()
+            tg.cancel_scope.cancel()
+    finally:
+        with anyio.CancelScope(shield=True):
+            await db(state.unregister_runner, owner)
+    summary.elapsed = time.monotonic() - summary.started
+    return summary
+
+
+def _caps(pipe: state.Pipeline, opts: EngineOptions, inflight: Counter) -> dict[str, int]:
+    """How many more tasks each step may lease now: its limit plus as many again waiting, so that a
+    finishing worker finds the next task ready. Downstream steps come first, so that items flow to
+    the end rather than piling up at the start."""
+    caps: dict[str, int] = {}
+    for step in reversed(pipe.active):
+        if opts.steps is not None and step.name not in opts.steps:
+            continue
+        n = min(step.policy.parallel or opts.parallel, opts.parallel) * 2 - inflight[step.name]
+        if n > 0:
+            caps[step.name] = n
+    return caps

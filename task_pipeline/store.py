@@ -1,0 +1,181 @@
+"""The content-addressed object store: DB_DIR/objects/ab/cd/<rest of hash> (SPEC section 8).
+
+Objects are immutable and read-only (0444). They get there by hashing a file
+once, streaming, then renaming it into place: no copy when the file is already
+on the store's filesystem (a task's OUTPUT_DIR is). A file is fsynced before
+the rename, so an object that the database refers to has its bytes on disk.
+Writing an object that exists already just drops the new file: identical
+outputs are stored once.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import os
+import shutil
+import stat
+from dataclasses import dataclass
+from pathlib import Path
+from typing import BinaryIO, Iterator
+
+from task_pipeline.errors import StoreError
+
+CHUNK = 1 << 20
+ALGORITHMS = ("sha256", "blake3")
+_BLAKE3_THREADS_FROM = 16 << 20  # below this, threading costs more than it gains
+
+
+def new_hasher(algo: str, size_hint: int = 0):
+    if algo == "sha256":
+        return hashlib.sha256()
+    if algo == "blake3":
+        import blake3
+
+        threads = blake3.blake3.AUTO if size_hint >= _BLAKE3_THREADS_FROM else 1
+        return blake3.blake3(max_threads=threads)
+    raise StoreError(f"unknown hash algorithm '{algo}'; use one of: {', '.join(ALGORITHMS)}")
+
+
+def hash_fd(fd: int, algo: str, size_hint: int = 0) -> tuple[str, int]:
+    """Hash an open file from its current offset to the end, in fixed-size chunks."""
+    h = new_hasher(algo, size_hint)
+    buf = bytearray(min(CHUNK, max(size_hint, 1 << 16)))
+    view = memoryview(buf)
+    size = 0
+    while True:
+        n = os.readv(fd, [buf])
+        if not n:
+            break
+        h.update(view[:n])
+        size += n
+    return h.hexdigest(), size
+
+
+@dataclass(frozen=True)
+class Store:
+    root: Path
+    algo: str = "sha256"
+
+    @property
+    def objects(self) -> Path:
+        return self.root / "objects"
+
+    @property
+    def tmp(self) -> Path:
+        return self.root / "tmp"
+
+    def create_dirs(self) -> None:
+        self.objects.mkdir(parents=True, exist_ok=True)
+        self.tmp.mkdir(parents=True, exist_ok=True)
+
+    def path(self, h: str) -> Path:
+        return self.objects / h[:2] / h[2:4] / h[4:]
+
+    def has(self, h: str) -> bool:
+        return os.path.exists(self.path(h))
+
+    # -- writing ---------------------------------------------------------
+
+    def ingest_fd(self, fd: int, src: Path) -> tuple[str, int]:
+        """Hash the open regular file `fd` (whose name is `src`), fsync it, and move it into the store.
+
+        The file must be on the store's filesystem for the move to be a rename;
+        otherwise it is copied to tmp/ first.
+        """
+        st = os.fstat(fd)
+        os.lseek(fd, 0, os.SEEK_SET)
+        digest, size = hash_fd(fd, self.algo, st.st_size)
+        dest = self.path(digest)
+        if os.path.exists(dest):
+            os.unlink(src)
+            return digest, size
+        os.fchmod(fd, 0o444)
+        os.fsync(fd)
+        self._place(src, dest)
+        return digest, size
+
+    def ingest_path(self, src: Path) -> tuple[str, int]:
+        """Ingest a file the store does not own (e.g. `submit FILE`): copy to tmp/, then move in."""
+        if not os.path.isfile(src):
+            raise StoreError(f"{src}: not a regular file")
+        tmp = self.tmp_file("ingest")
+        shutil.copyfile(src, tmp)
+        return self.ingest_owned(tmp)
+
+    def ingest_bytes(self, data: bytes) -> tuple[str, int]:
+        tmp = self.tmp_file("bytes")
+        with open(tmp, "wb") as f:
+            f.write(data)
+        return self.ingest_owned(tmp)
+
+    def ingest_owned(self, path: Path) -> tuple[str, int]:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+        try:
+            return self.ingest_fd(fd, path)
+        finally:
+            os.close(fd)
+
+    def tmp_file(self, label: str) -> Path:
+        return self.tmp / f"{label}-{os.getpid()}-{os.urandom(6).hex()}"
+
+    def _place(self, src: Path, dest: Path) -> None:
+        try:
+            os.rename(src, dest)
+        except FileNotFoundError:
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            os.rename(src, dest)
+        except OSError as e:
+            if e.errno != errno.EXDEV:
+                raise
+            tmp = self.tmp_file("xdev")
+            shutil.copyfile(src, tmp)
+            with open(tmp, "rb") as f:
+                os.fsync(f.fileno())
+            os.chmod(tmp, 0o444)
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            os.rename(tmp, dest)
+            os.unlink(src)
+
+    # -- reading ---------------------------------------------------------
+
+    def open(self, h: str) -> BinaryIO:
+        try:
+            return open(self.path(h), "rb")
+        except FileNotFoundError:
+            raise StoreError(f"object {h} is missing from {self.objects}; run 'task-pipeline fsck' to see what used it") from None
+
+    def copy_to(self, h: str, dest: Path) -> None:
+        """A private, read-only copy (never a hard link: a script could chmod and write through it)."""
+        try:
+            shutil.copyfile(self.path(h), dest)
+        except FileNotFoundError:
+            raise StoreError(f"object {h} is missing from {self.objects}; run 'task-pipeline fsck'") from None
+        os.chmod(dest, 0o444)
+
+    def stream(self, h: str, out: BinaryIO) -> None:
+        with self.open(h) as f:
+            shutil.copyfileobj(f, out, CHUNK)
+
+    def rehash(self, h: str) -> str | None:
+        """The object's actual hash, or None if it is missing."""
+        try:
+            fd = os.open(self.path(h), os.O_RDONLY | os.O_NOFOLLOW)
+        except OSError:
+            return None
+        try:
+            return hash_fd(fd, self.algo, os.fstat(fd).st_size)[0]
+        finally:
+            os.close(fd)
+
+    def iter_objects(self) -> Iterator[tuple[str, Path]]:
+        if not self.objects.is_dir():
+            return
+        for a in sorted(os.scandir(self.objects), key=lambda e: e.name):
+            if not a.is_dir(follow_symlinks=False):
+                continue
+            for b in sorted(os.scandir(a.path), key=lambda e: e.name):
+                if not b.is_dir(follow_symlinks=False):
+                    continue
+                for f in os.scandir(b.path):
+                    yield a.name + b.name + f.name, Path(f.path)

@@ -1,0 +1,356 @@
+"""Offline checks of the Nix packaging: flake.nix and nix/.
+
+The real nixpkgs cannot be fetched here, so the flake is evaluated against a small stub
+kept in nix/tests/stub-nixpkgs (lib functions, python3Packages whose callPackage passes
+only the arguments asked for, formats.toml with a pure-Nix TOML writer, a module
+evaluator). Every test needs the `nix` command and skips itself without it; each takes
+about a second. The flake only sees git-tracked files: `git add` new Nix files first.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+import tomllib
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+STUB = ROOT / "nix" / "tests" / "stub-nixpkgs"
+SYSTEM = "x86_64-linux"
+STUB_FLAGS = [
+    "--offline",
+    "--no-write-lock-file",
+    "--override-input",
+    "nixpkgs",
+    "path:./nix/tests/stub-nixpkgs",
+]
+
+
+def _env() -> dict[str, str]:
+    env = dict(os.environ)
+    extra = "experimental-features = nix-command flakes"
+    env["NIX_CONFIG"] = f"{env['NIX_CONFIG']}\n{extra}" if env.get("NIX_CONFIG") else extra
+    return env
+
+
+@pytest.fixture
+def nix() -> str:
+    exe = shutil.which("nix")
+    if exe is None:
+        pytest.skip("the `nix` command is not installed (apt-get install nix-bin); Nix packaging not checked")
+    if not (ROOT / "flake.nix").is_file() or not STUB.is_dir():
+        pytest.skip("flake.nix or nix/tests/stub-nixpkgs is not here (not a source checkout)")
+    return exe
+
+
+def run(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    proc = subprocess.run(list(args), cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=120)
+    if check and proc.returncode != 0:
+        pytest.fail(f"{shlex.join(args)} exited {proc.returncode}:\n{proc.stderr}")
+    return proc
+
+
+def nix_eval_flake(attr: str, apply: str | None = None, *, impure: bool = False) -> object:
+    args = ["nix", "eval", "--json", *STUB_FLAGS]
+    if impure:
+        args.append("--impure")
+    args.append(f".#{attr}")
+    if apply:
+        args += ["--apply", apply]
+    return json.loads(run(*args).stdout)
+
+
+def nix_eval_expr(expr: str) -> object:
+    return json.loads(run("nix", "eval", "--json", "--impure", "--expr", expr).stdout)
+
+
+def nix_str(s: str) -> str:
+    """A Nix double-quoted string literal for s (printable text, \\n, \\t, \\r)."""
+    out = s.replace("\\", "\\\\").replace('"', '\\"').replace("${", "\\${")
+    return '"' + out.replace("\n", "\\n").replace("\t", "\\t").replace("\r", "\\r") + '"'
+
+
+def pep503(name: str) -> str:
+    return re.sub(r"[-_.]+", "-", name).lower()
+
+
+def requirement_name(req: str) -> str:
+    return pep503(re.split(r"[\s\[<>=!~;@(]", req.strip(), maxsplit=1)[0])
+
+
+# 1 -------------------------------------------------------------------------------
+
+
+def test_every_nix_file_parses(nix: str) -> None:
+    files = sorted(p for p in ROOT.rglob("*.nix") if ".git" not in p.relative_to(ROOT).parts)
+    assert ROOT / "flake.nix" in files
+    for f in files:
+        proc = run("nix-instantiate", "--parse", str(f), check=False)
+        assert proc.returncode == 0, f"{f.relative_to(ROOT)} does not parse:\n{proc.stderr}"
+
+
+# 2 -------------------------------------------------------------------------------
+
+
+def test_flake_check_against_stub_nixpkgs(nix: str) -> None:
+    # Evaluates packages, apps, devShells, overlays, formatter, checks (including the
+    # NixOS VM test, whose nodes go through the stub module evaluator) for both systems.
+    run("nix", "flake", "check", "--no-build", *STUB_FLAGS)
+    shown = nix_eval_flake("apps", "apps: builtins.mapAttrs (s: a: a.default.program) apps")
+    for system in ("x86_64-linux", "aarch64-linux"):
+        assert shown[system].endswith("/bin/task-pipeline")
+    overlay = nix_eval_flake(
+        "overlays",
+        f"""o: let
+              stub = import {STUB}/pkgs.nix {{ lib = import {STUB}/lib.nix; system = "{SYSTEM}"; }};
+              final = stub // o.default final stub;
+            in final.task-pipeline.pname""",
+        impure=True,
+    )
+    assert overlay == "task-pipeline"
+
+
+# 3 -------------------------------------------------------------------------------
+
+
+def test_nix_dependencies_match_pyproject(nix: str) -> None:
+    pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    project = pyproject["project"]
+    wanted = sorted(requirement_name(d) for d in project["dependencies"])
+
+    pkg = nix_eval_flake(
+        f"packages.{SYSTEM}.default",
+        """p: {
+             inherit (p) pname version stubDependencyNames;
+             buildSystem = map (d: d.pname) p.stubArgs.build-system;
+             checkInputs = map (d: d.pname) p.stubArgs.nativeCheckInputs;
+             imports = p.stubArgs.pythonImportsCheck;
+             mainProgram = p.meta.mainProgram;
+             pyproject = p.stubArgs.pyproject;
+           }""",
+    )
+    assert sorted(pep503(n) for n in pkg["stubDependencyNames"]) == wanted
+    assert pkg["pname"] == project["name"]
+    assert pkg["version"] == project["version"]
+    assert pkg["mainProgram"] in project["scripts"]
+    assert pkg["pyproject"] is True
+    assert sorted(pkg["buildSystem"]) == sorted(requirement_name(r) for r in pyproject["build-system"]["requires"])
+    assert "pytestCheckHook" in pkg["checkInputs"] and "hypothesis" in pkg["checkInputs"]
+    assert pkg["imports"] == ["task_pipeline"]
+
+    shell = nix_eval_flake(
+        f"devShells.{SYSTEM}.default",
+        "s: builtins.concatMap (p: p.stubPackageNames or [ p.pname ]) s.stubArgs.packages",
+    )
+    missing = set(wanted) - {pep503(n) for n in shell}
+    assert not missing, f"devShell lacks {missing}"
+    assert {"pytest", "hypothesis", "ruff"} <= set(shell)
+
+
+# 4 -------------------------------------------------------------------------------
+
+MODULE_EXPR = """
+let
+  lib = import STUB/lib.nix;
+  system = "x86_64-linux";
+  self.packages.${system}.default = derivation {
+    name = "task-pipeline-0.1.0"; inherit system; builder = "/bin/sh";
+  } // { meta.mainProgram = "task-pipeline"; };
+  module = import ROOT/nix/module.nix { inherit self; };
+  eval = cfg: import STUB/eval-module.nix {
+    inherit lib system module;
+    config.services.task-pipeline = cfg;
+  };
+  ok = cfg: let e = eval cfg; in { inherit (e) config failedAssertions; };
+  asserts = cfg: (eval cfg).failedAssertions;
+  fails = cfg: !(builtins.tryEval (eval cfg).check).success;
+  custom = {
+    enable = true;
+    stateDir = "/srv/task pipeline";
+    parallel = 3;
+    extraArgs = [ "-verbose" "it's" ];
+    user = "task-pipeline";
+    environment.LANG = "C.UTF-8";
+    settings.step = [ { name = "upper"; script = "tr a-z A-Z < $INPUT_FILE > $OUTPUT_DIR/done"; } ];
+  };
+in {
+  basic = ok { enable = true; manifest = "/srv/pipeline/manifest.toml"; };
+  custom = ok custom;
+  customManifest = builtins.readFile
+    (eval custom).config.environment.etc."task-pipeline/manifest.toml".source;
+  disabled = ok { manifest = "/srv/m.toml"; parallel = 2; };
+  nothing = ok { };
+  both = asserts { enable = true; manifest = "/srv/m.toml"; settings.step = [ ]; };
+  neither = asserts { enable = true; };
+  dynamicOutsideVarLib = asserts { enable = true; manifest = "/srv/m.toml"; stateDir = "/srv/db"; };
+  badParallel = fails { enable = true; manifest = "/srv/m.toml"; parallel = 0; };
+  badManifest = fails { enable = true; manifest = 3; };
+  misspelt = fails { enable = true; manifest = "/srv/m.toml"; paralel = 2; };
+  good = fails { enable = true; manifest = "/srv/m.toml"; };
+}
+"""
+
+
+def test_nixos_module(nix: str) -> None:
+    r = nix_eval_expr(MODULE_EXPR.replace("STUB", str(STUB)).replace("ROOT", str(ROOT)))
+
+    basic = r["basic"]
+    assert basic["failedAssertions"] == []
+    svc = basic["config"]["systemd"]["services"]["task-pipeline"]
+    sc = svc["serviceConfig"]
+    argv = shlex.split(sc["ExecStart"])
+    assert argv[0].endswith("/bin/task-pipeline")
+    assert argv[1:] == ["serve", "-manifest", "/srv/pipeline/manifest.toml", "-db", "/var/lib/task-pipeline"]
+    assert svc["wantedBy"] == ["multi-user.target"]
+    assert sc["ExecReload"].endswith("kill -HUP $MAINPID")
+    assert sc["Restart"] == "on-failure"
+    assert sc["DynamicUser"] is True and "User" not in sc
+    assert sc["StateDirectory"] == "task-pipeline"
+    assert sc["WorkingDirectory"] == "/var/lib/task-pipeline"
+    assert "ReadWritePaths" not in sc
+    assert sc["ProtectSystem"] == "strict"
+    for key in ("NoNewPrivileges", "PrivateTmp", "ProtectHome", "PrivateDevices",
+                "ProtectKernelTunables", "ProtectControlGroups", "RestrictSUIDSGID"):
+        assert sc[key] is True, key
+    assert sc["SystemCallFilter"] == ["@system-service"]
+    assert any(p.endswith("-bash") for p in svc["path"]), "sh must be on the scripts' PATH"
+    assert basic["config"]["environment"]["systemPackages"], "the CLI should be installed"
+
+    custom = r["custom"]
+    assert custom["failedAssertions"] == []
+    svc = custom["config"]["systemd"]["services"]["task-pipeline"]
+    sc = svc["serviceConfig"]
+    assert shlex.split(sc["ExecStart"])[1:] == [
+        "serve", "-manifest", "/etc/task-pipeline/manifest.toml", "-db", "/srv/task pipeline",
+        "-parallel", "3", "-verbose", "it's",
+    ]
+    assert sc["DynamicUser"] is False and sc["User"] == "task-pipeline" and sc["Group"] == "task-pipeline"
+    assert sc["ReadWritePaths"] == ["/srv/task pipeline"] and "StateDirectory" not in sc
+    assert svc["environment"] == {"LANG": "C.UTF-8"}
+    users = custom["config"]["users"]
+    assert users["users"]["task-pipeline"]["isSystemUser"] is True
+    assert "task-pipeline" in users["groups"]
+    assert custom["config"]["systemd"]["tmpfiles"]["rules"] == ["d /srv/task pipeline 0750 task-pipeline task-pipeline - -"]
+    generated = custom["config"]["environment"]["etc"]["task-pipeline/manifest.toml"]["source"]
+    assert svc["reloadTriggers"] == [generated]
+    manifest = tomllib.loads(r["customManifest"])
+    assert manifest["pipeline"]["workdir"] == "/srv/task pipeline"
+    assert manifest["step"][0]["name"] == "upper"
+
+    assert r["disabled"]["config"] == {}
+    assert r["nothing"]["config"] == {}
+    assert any("exactly one" in m for m in r["both"])
+    assert any("exactly one" in m for m in r["neither"])
+    assert any("needs `user`" in m for m in r["dynamicOutsideVarLib"])
+    assert r["badParallel"] and r["badManifest"] and r["misspelt"]
+    assert r["good"] is False
+
+
+# 5 -------------------------------------------------------------------------------
+
+AWKWARD = [
+    'echo "double \\"quoted\\"" > "$OUTPUT_DIR/done"',
+    "cat <<'EOF' > $OUTPUT_DIR/done\n'''triple''' and \"\"\"triple\"\"\"\nEOF\n",
+    "printf 'a\\\\b\\n' # backslashes \\ \\\\ \\n \\u00e9 \\U0001F600 \\x41\\",
+    "echo 'héllo wörld ✓ 日本語 🚀 ∀x∈ℝ' # unicode",
+    "line one\n\tindented with a tab\r\nwindows line\n\n\ntrailing newlines\n\n",
+    "echo ${HOME} $INPUT_FILE '${x}' $${y} `date` # dollar signs",
+    "echo '#' [table] [[step]] key = \"value\" # TOML-looking text",
+]
+
+
+def random_scripts(n: int) -> list[str]:
+    rng = random.Random(20240605)
+    alphabet = (
+        ["a", "Z", "0", " ", "'", '"', "\\", "\n", "\t", "\r", "$", "{", "}", "#", "=", "[", "]"]
+        + ["\x01", "\x08", "\x0c", "\x1b", "\x1f", "\x7f", "\u0080", "\u00e9", "\u2028", "\ufeff", "\U0001f600"]
+        + ["'''", '"""', "\\u0041", "\\n", "${"]
+    )
+    return ["echo " + "".join(rng.choice(alphabet) for _ in range(rng.randint(0, 40))) for _ in range(n)]
+
+
+def _steps_nix(scripts: list[str]) -> str:
+    """The awkward scripts written as Nix source: an attrset of steps."""
+    entries = []
+    for i, script in enumerate(scripts):
+        extra = " start = true; schedule = \"15m\";" if i == 0 else f" inputs = [ \"s{i}\" \"s{i}-*\" ];"
+        entries.append(
+            f"s{i} = {{ script = {nix_str(script)}; shell = \"bash\"; retries = {i}; retry_delay = 0.5;"
+            f" timeout = 60; parallel = 2; env = {{ LANG = \"C\"; \"ODD KEY.x\" = {nix_str(script)}; }};{extra} }};"
+        )
+    return '{ pipeline = { workdir = "work dir/ü"; }; steps = {\n' + "\n".join(entries) + "\n}; }\n"
+
+
+def test_mk_manifest_round_trips_through_the_loader(nix: str, tmp_path: Path) -> None:
+    from task_pipeline.manifest import load_manifest
+
+    awkward = AWKWARD
+    randoms = random_scripts(40)
+    (tmp_path / "steps.nix").write_text(_steps_nix(awkward), encoding="utf-8")
+    listed = {
+        "steps": [
+            {"name": f"r{i}", "script": s, "env": {"V": s}, "timeout": None} for i, s in enumerate(randoms)
+        ]
+    }
+    (tmp_path / "steps.json").write_text(json.dumps(listed), encoding="utf-8")
+
+    out = nix_eval_flake(
+        "lib",
+        f"""l: let
+              pkgs = import {STUB}/pkgs.nix {{ lib = import {STUB}/lib.nix; system = "{SYSTEM}"; }};
+              fromNix = import {tmp_path}/steps.nix;
+              fromJSON = builtins.fromJSON (builtins.readFile {tmp_path}/steps.json);
+              both = args: {{ toml = builtins.readFile (l.mkManifest pkgs args); value = l.toManifest args; }};
+              rejects = args: !(builtins.tryEval (builtins.deepSeq (l.toManifest args) true)).success;
+            in {{
+              nix = both fromNix;
+              json = both fromJSON;
+              misspeltKey = rejects {{ steps.a = {{ script = "x"; scirpt = "y"; }}; }};
+              noScript = rejects {{ steps.a = {{ start = true; }}; }};
+              renamed = rejects {{ steps.a = {{ name = "b"; script = "x"; }}; }};
+              unnamed = rejects {{ steps = [ {{ script = "x"; }} ]; }};
+            }}""",
+        impure=True,
+    )
+    assert out["misspeltKey"] and out["noScript"] and out["renamed"] and out["unnamed"]
+
+    py_env = dict(os.environ)
+    py_env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), py_env.get("PYTHONPATH")]))
+    for label, scripts, names in (
+        ("nix", awkward, [f"s{i}" for i in range(len(awkward))]),
+        ("json", randoms, [f"r{i}" for i in range(len(randoms))]),
+    ):
+        toml_text, value = out[label]["toml"], out[label]["value"]
+        path = tmp_path / f"{label}.toml"
+        path.write_bytes(toml_text.encode("utf-8"))
+        # the TOML holds exactly the Nix value (null-valued keys left out)
+        assert tomllib.loads(toml_text) == value, label
+        # task-pipeline's own loader accepts it, and scripts survive byte for byte
+        m = load_manifest(path)
+        by_name = {s.name: s for s in m.steps}
+        assert sorted(by_name) == sorted(names), label
+        for name, script in zip(names, scripts):
+            assert by_name[name].script.encode("utf-8") == script.encode("utf-8"), (label, name)
+            if label == "nix":
+                assert by_name[name].env["ODD KEY.x"] == script
+            else:
+                assert by_name[name].env["V"] == script and by_name[name].timeout is None
+        if label == "nix":
+            assert m.steps[0].start and m.steps[0].schedule == 15 * 60
+            assert m.workdir == (tmp_path / "work dir" / "ü").resolve()
+    # and so does the command line
+    for label in ("nix", "json"):
+        path = tmp_path / f"{label}.toml"
+        proc = subprocess.run(
+            [sys.executable, "-m", "task_pipeline", "validate", "-manifest", str(path)],
+            cwd=ROOT, env=py_env, capture_output=True, text=True, timeout=60,
+        )
+        assert proc.returncode == 0, f"{label}: validate exited {proc.returncode}:\n{proc.stdout}{proc.stderr}"
