@@ -34,7 +34,6 @@
           packages = [
             (pkgs.python3.withPackages (ps: [
               # [project].dependencies (tests/test_nix.py checks they match pyproject.toml)
-              ps.aiosqlite
               ps.anyio
               ps.blake3
               ps.rich

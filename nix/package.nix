@@ -4,7 +4,6 @@
   lib,
   buildPythonApplication,
   hatchling,
-  aiosqlite,
   anyio,
   blake3,
   rich,
@@ -36,7 +35,6 @@ buildPythonApplication {
 
   # Keep in step with [project].dependencies in pyproject.toml (tests/test_nix.py checks it).
   dependencies = [
-    aiosqlite
     anyio
     blake3
     rich
