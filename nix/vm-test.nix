@@ -104,7 +104,8 @@ in
         assert "User=task-pipeline" in show, show
 
     with subtest("a submitted input is processed"):
-        machine.succeed(f"{CLI} submit -db {DB} upper /etc/pipeline/input.txt")
+        # the daemon registers the manifest just after it starts: retry until it has
+        machine.wait_until_succeeds(f"{CLI} submit -db {DB} upper /etc/pipeline/input.txt", timeout=30)
         wait_done("upper")
         machine.succeed(f"grep -rqx HELLO {DB}/objects")
 

@@ -51,6 +51,17 @@ def nix() -> str:
     return exe
 
 
+def require_tracked_readme() -> None:
+    """The package's source is a fileset that includes pyproject.toml's `readme`
+    (hatchling needs it to build); flakes only see git-tracked files."""
+    readme = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"].get("readme")
+    if not isinstance(readme, str) or not (ROOT / ".git").exists():
+        return
+    tracked = subprocess.run(["git", "ls-files", "--error-unmatch", readme], cwd=ROOT, capture_output=True)
+    if tracked.returncode != 0:
+        pytest.fail(f"{readme} (pyproject.toml's readme) must exist and be tracked by git: the Nix build needs it")
+
+
 def run(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
     proc = subprocess.run(list(args), cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=120)
     if check and proc.returncode != 0:
@@ -101,6 +112,7 @@ def test_every_nix_file_parses(nix: str) -> None:
 
 
 def test_flake_check_against_stub_nixpkgs(nix: str) -> None:
+    require_tracked_readme()
     # Evaluates packages, apps, devShells, overlays, formatter, checks (including the
     # NixOS VM test, whose nodes go through the stub module evaluator) for both systems.
     run("nix", "flake", "check", "--no-build", *STUB_FLAGS)
@@ -122,6 +134,7 @@ def test_flake_check_against_stub_nixpkgs(nix: str) -> None:
 
 
 def test_nix_dependencies_match_pyproject(nix: str) -> None:
+    require_tracked_readme()
     pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text())
     project = pyproject["project"]
     wanted = sorted(requirement_name(d) for d in project["dependencies"])
