@@ -81,7 +81,7 @@ class RunReporter:
             self._progress = Progress(
                 TextColumn("{task.description:<16}"), BarColumn(), MofNCompleteColumn(),
                 TextColumn("{task.fields[running]:>3} running  {task.fields[failed]:>3} failed"),
-                TextColumn("{task.speed_text}"), TimeRemainingColumn(),
+                TextColumn("{task.fields[speed_text]}"), TimeRemainingColumn(),
                 console=self.o.err, transient=False, refresh_per_second=8,
             )
             self._progress.__enter__()
@@ -105,7 +105,7 @@ class RunReporter:
         self._row(name)
         p = self._progress
         tid = self._rows[name]
-        task = p.tasks[tid] if tid < len(p.tasks) else None
+        task = next((t for t in p.tasks if t.id == tid), None)
         speed = f"{task.speed:6.1f}/s" if task is not None and task.speed else ""
         p.update(tid, total=max(self.total[name], self.finished[name]) or None, completed=self.finished[name],
                  running=self.running[name], failed=self.failed[name], speed_text=speed)
