@@ -7,8 +7,10 @@ version identity (what makes a new version) is defined here too.
 
 from __future__ import annotations
 
+import datetime
 import difflib
 import hashlib
+import math
 import json
 import re
 import tomllib
@@ -31,6 +33,16 @@ TOP_KEYS = ("pipeline", "step")
 _DURATION_RE = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h|d)")
 _UNIT_SECONDS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400}
 MAX_RETRY_DELAY = 3600.0
+_TOML_HINTS = (  # tomllib's message fragment -> what the user most likely has to do
+    ("Invalid value", "; is a string missing its quotes? e.g. script = \"echo hi\""),
+    ("Cannot overwrite a value", "; a key may appear once per table, and [step] cannot be mixed with [[step]]"),
+    ("Cannot declare", "; a table may be declared once (write [[step]] for each step)"),
+    ("Unterminated string", "; close the string with its opening quote"),
+    ("Unclosed", "; close the array or inline table"),
+)
+MAX_SECONDS = 365 * 86400.0  # longest timeout, retry_delay or schedule: beyond it a value is surely a mistake
+_MAX_TEXT = "365 days (31536000 seconds)"
+INT_MIN, INT_MAX = -(2**63), 2**63 - 1  # TOML integers are 64-bit; tomllib accepts more
 
 
 @dataclass(frozen=True)
@@ -84,17 +96,35 @@ def version_identity(script: str, shell: str, env: dict[str, str]) -> str:
 
 
 def load_manifest(path: str | Path) -> Manifest:
-    p = Path(path)
+    try:
+        return _load(Path(path))
+    except ManifestError as e:
+        raise _clean(e) from None
+
+
+def _load(p: Path) -> Manifest:
     try:
         data = p.read_bytes()
+        base_dir = p.resolve().parent
     except FileNotFoundError:
         raise ManifestError("file not found; pass the manifest with -manifest PATH", file=str(p)) from None
     except OSError as e:
-        raise ManifestError(f"cannot read: {e.strerror}", file=str(p)) from None
-    return parse_manifest(data, file=str(p), base_dir=p.resolve().parent)
+        raise ManifestError(f"cannot read: {e.strerror or e}", file=str(p)) from None
+    except (RuntimeError, ValueError) as e:  # a symlink loop on some Pythons, a NUL byte in the path
+        raise ManifestError(f"cannot read: {e}", file=str(p)) from None
+    return _parse(data, str(p), base_dir)
 
 
 def parse_manifest(data: bytes | str, *, file: str = "manifest.toml", base_dir: Path | None = None) -> Manifest:
+    """Validate a manifest; any problem raises ManifestError with a one-line message, nothing else."""
+    try:
+        return _parse(data, file, base_dir)
+    except ManifestError as e:
+        # Names, keys and values come from the file: never let them break the one-line message.
+        raise _clean(e) from None
+
+
+def _parse(data: bytes | str, file: str, base_dir: Path | None) -> Manifest:
     if isinstance(data, bytes):
         try:
             text = data.decode("utf-8")
@@ -102,10 +132,22 @@ def parse_manifest(data: bytes | str, *, file: str = "manifest.toml", base_dir: 
             raise ManifestError(f"not UTF-8 text (byte {e.start}); save the manifest as UTF-8", file=file) from None
     else:
         text = data
+    text = text.removeprefix("\ufeff")  # a byte-order mark (Windows editors write one) is harmless
+    if isinstance(data, str):
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as e:
+            raise ManifestError(f"not UTF-8 text (character {e.start}); save the manifest as UTF-8", file=file) from None
     try:
         doc = tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
-        raise ManifestError(f"invalid TOML: {e}", file=file) from None
+        msg = str(e)
+        hint = next((h for k, h in _TOML_HINTS if k in msg), "")
+        raise ManifestError(f"invalid TOML: {msg}{hint}", file=file) from None
+    except ValueError:  # tomllib reads integers of any size, up to Python's 4300-digit limit
+        raise ManifestError("invalid TOML: a number has too many digits", file=file) from None
+    except RecursionError:
+        raise ManifestError("invalid TOML: arrays or tables nested too deeply", file=file) from None
     base_dir = base_dir or Path.cwd()
     _check_keys(doc, TOP_KEYS, file=file, step=None, what="top-level table")
 
@@ -116,15 +158,22 @@ def parse_manifest(data: bytes | str, *, file: str = "manifest.toml", base_dir: 
     workdir = base_dir
     if "workdir" in pipeline:
         wd = pipeline["workdir"]
-        if not isinstance(wd, str) or not wd:
-            raise ManifestError("must be a non-empty string (a directory)", file=file, key="pipeline.workdir")
-        workdir = (base_dir / wd).resolve()
+        if not isinstance(wd, str) or not wd or "\0" in wd:
+            raise ManifestError(f"must be a non-empty string (a directory), not {_describe(wd)}", file=file,
+                                key="pipeline.workdir")
+        try:
+            workdir = (base_dir / wd).resolve()
+        except (OSError, RuntimeError, ValueError) as e:
+            raise ManifestError(f"cannot resolve the directory: {e}", file=file, key="pipeline.workdir") from None
 
     raw_steps = doc.get("step")
     if raw_steps is None:
         raise ManifestError("no steps: add at least one [[step]] with a name and a script", file=file)
+    if isinstance(raw_steps, dict):
+        raise ManifestError("is a single table; write each step as [[step]] (double brackets)", file=file, key="step")
     if not isinstance(raw_steps, list) or not all(isinstance(s, dict) for s in raw_steps):
-        raise ManifestError("must be an array of tables, written [[step]]", file=file, key="step")
+        raise ManifestError(f"must be an array of tables, written [[step]], not {_describe(raw_steps)}", file=file,
+                            key="step")
     if not raw_steps:
         raise ManifestError("no steps: add at least one [[step]] with a name and a script", file=file)
 
@@ -133,7 +182,8 @@ def parse_manifest(data: bytes | str, *, file: str = "manifest.toml", base_dir: 
     for i, raw in enumerate(raw_steps):
         step = _parse_step(raw, i, file)
         if step.name in seen:
-            raise ManifestError("duplicate step name; step names must be unique", file=file, step=step.name, key="name")
+            raise ManifestError(f"duplicate step name (step #{i + 1} repeats an earlier one); step names must be unique",
+                                file=file, step=step.name, key="name")
         seen.add(step.name)
         steps.append(step)
     return Manifest(path=file, workdir=workdir, steps=tuple(steps))
@@ -143,7 +193,14 @@ def _check_keys(table: dict, allowed: tuple[str, ...], *, file: str, step: str |
     for key in table:
         if key not in allowed:
             close = difflib.get_close_matches(key, allowed, n=1, cutoff=0.6)
-            hint = f"; did you mean '{close[0]}'?" if close else f"; allowed keys: {', '.join(allowed)}"
+            if close:
+                hint = f"; did you mean '{close[0]}'?"
+            elif allowed is TOP_KEYS and key in STEP_KEYS:
+                hint = "; step keys belong inside a [[step]] table"
+            elif allowed is STEP_KEYS and key in PIPELINE_KEYS:
+                hint = f"; '{key}' belongs in the [pipeline] table"
+            else:
+                hint = f"; allowed keys: {', '.join(allowed)}"
             raise ManifestError(f"unknown key in {what}{hint}", file=file, step=step, key=key)
 
 
@@ -153,14 +210,35 @@ def _parse_step(raw: dict, index: int, file: str) -> Step:
     def err(key: str, msg: str) -> ManifestError:
         return ManifestError(msg, file=file, step=label, key=key)
 
+    def integer(key: str, default, minimum: int, what: str):
+        v = raw.get(key, default)
+        if v is None:
+            return None
+        if not _is_int(v):
+            raise err(key, f"must be an integer, not {_describe(v)}")
+        if v < minimum:
+            raise err(key, f"must be {what} (got {v})" if INT_MIN <= v else f"must be {what}")
+        if v > INT_MAX:
+            raise err(key, "is too large for a 64-bit integer")
+        return v
+
+    def seconds(key: str, v, *, positive: bool) -> float:
+        if not _is_number(v):
+            raise err(key, f"must be a number of seconds, not {_describe(v)}")
+        if v < 0 or (positive and v == 0):
+            raise err(key, f"must be {'positive' if positive else 'zero or more'} (got {_describe_num(v)})")
+        if v > MAX_SECONDS:
+            raise err(key, f"must be at most {_MAX_TEXT}")
+        return float(v)
+
     _check_keys(raw, STEP_KEYS, file=file, step=label, what="[[step]]")
     if "name" not in raw:
         raise err("name", "missing; every step needs a name")
     name = raw["name"]
     if not isinstance(name, str):
-        raise err("name", f"must be a string, not {_type(name)}")
+        raise err("name", f"must be a string, not {_describe(name)}")
     if not NAME_RE.match(name):
-        raise err("name", "must match [A-Za-z0-9][A-Za-z0-9-]* (routing could never reach a name with '_', '.' or spaces)")
+        raise err("name", f"{name!r} must match [A-Za-z0-9][A-Za-z0-9-]*: letters, digits and '-' (routing could never reach a name with '_', '.' or spaces)")
     if name in RESERVED_NAMES:
         raise err("name", "'done' is reserved for terminal outputs; choose another name")
 
@@ -168,27 +246,26 @@ def _parse_step(raw: dict, index: int, file: str) -> Step:
         raise err("script", "missing; every step needs a script")
     script = raw["script"]
     if not isinstance(script, str):
-        raise err("script", f"must be a string, not {_type(script)}")
+        raise err("script", f"must be a string, not {_describe(script)}")
     if not script.strip():
-        raise err("script", "is empty")
+        raise err("script", "is empty; give the shell commands the step runs")
+    if "\0" in script:
+        raise err("script", "contains a NUL character, which no shell can run")
 
     start = raw.get("start", False)
     if not isinstance(start, bool):
-        raise err("start", f"must be true or false, not {_type(start)}")
+        raise err("start", f"must be true or false, not {_describe(start)}")
 
-    parallel = raw.get("parallel")
-    if parallel is not None:
-        if not _is_int(parallel):
-            raise err("parallel", f"must be an integer, not {_type(parallel)}")
-        if parallel < 1:
-            raise err("parallel", f"must be at least 1 (got {parallel})")
-
+    parallel = integer("parallel", None, 1, "at least 1")
     inputs = raw.get("inputs")
     if inputs is None:
         inputs_t: tuple[str, ...] = ()
     else:
-        if not isinstance(inputs, list) or not all(isinstance(x, str) for x in inputs):
-            raise err("inputs", "must be a list of strings (route keys or file-name globs)")
+        if not isinstance(inputs, list):
+            raise err("inputs", f"must be a list of strings (route keys or file-name globs), like inputs = [\"{name}\"], not {_describe(inputs)}")
+        for x in inputs:
+            if not isinstance(x, str):
+                raise err("inputs", f"must be a list of strings (route keys or file-name globs), not a list containing {_describe(x)}")
         if not inputs:
             raise err("inputs", "is empty; leave it out to consume the step's own name")
         for pat in inputs:
@@ -202,37 +279,30 @@ def _parse_step(raw: dict, index: int, file: str) -> Step:
             raise err("inputs", "a start step takes no inputs; remove 'inputs' or 'start'")
         inputs_t = tuple(dict.fromkeys(inputs))
 
-    retries = raw.get("retries", 0)
-    if not _is_int(retries):
-        raise err("retries", f"must be an integer, not {_type(retries)}")
-    if retries < 0:
-        raise err("retries", f"must not be negative (got {retries})")
-
-    retry_delay = raw.get("retry_delay", 1.0)
-    if not _is_number(retry_delay):
-        raise err("retry_delay", f"must be a number of seconds, not {_type(retry_delay)}")
-    if retry_delay < 0:
-        raise err("retry_delay", f"must not be negative (got {retry_delay})")
-
+    retries = integer("retries", 0, 0, "zero or more")
+    retry_delay = seconds("retry_delay", raw.get("retry_delay", 1.0), positive=False)
     timeout = raw.get("timeout")
     if timeout is not None:
-        if not _is_number(timeout):
-            raise err("timeout", f"must be a number of seconds, not {_type(timeout)}")
-        if timeout <= 0:
-            raise err("timeout", f"must be positive (got {timeout})")
+        timeout = seconds("timeout", timeout, positive=True)
 
     env = raw.get("env", {})
     if not isinstance(env, dict):
-        raise err("env", f"must be a table of strings, like env = {{ LANG = \"C\" }}, not {_type(env)}")
+        raise err("env", f"must be a table of strings, like env = {{ LANG = \"C\" }}, not {_describe(env)}")
     for k, v in env.items():
         if not isinstance(v, str):
-            raise err(f"env.{k}", f"must be a string, not {_type(v)} (quote it)")
-        if not k or "=" in k or "\0" in k or "\0" in v:
-            raise err(f"env.{k}", "is not a valid environment variable name")
+            raise err(f"env.{k}", f"must be a string, not {_describe(v)} (quote it)")
+        if not k or "=" in k or "\0" in k:
+            raise err(f"env.{k}", "is not a valid environment variable name (empty, or contains '=' or NUL)")
+        if "\0" in v:
+            raise err(f"env.{k}", "contains a NUL character, which the environment cannot hold")
 
     shell = raw.get("shell", "sh")
-    if not isinstance(shell, str) or not shell.strip():
-        raise err("shell", "must be a non-empty string naming an interpreter, like \"bash\"")
+    if not isinstance(shell, str):
+        raise err("shell", f"must be a string naming an interpreter, like \"bash\", not {_describe(shell)}")
+    if not shell.strip() or "\0" in shell:
+        raise err("shell", "must name an interpreter, like \"bash\"")
+    if shell != shell.strip() or any(c.isspace() for c in shell):
+        raise err("shell", f"must be one program, run as [shell, \"-c\", script], not {shell!r}; put options in the script")
 
     schedule = raw.get("schedule")
     sched_s: float | None = None
@@ -243,13 +313,15 @@ def _parse_step(raw: dict, index: int, file: str) -> Step:
 
     return Step(
         name=name, script=script, start=start, parallel=parallel, inputs=inputs_t,
-        retries=retries, retry_delay=float(retry_delay), timeout=None if timeout is None else float(timeout),
+        retries=retries, retry_delay=retry_delay, timeout=timeout,
         env=dict(env), shell=shell, schedule=sched_s,
     )
 
 
 def _parse_duration(value, err) -> float:
     if _is_number(value):
+        if value > MAX_SECONDS:  # compare before float(): a huge integer does not fit in one
+            raise err("schedule", f"must be at most {_MAX_TEXT}")
         seconds = float(value)
     elif isinstance(value, str):
         text = value.strip().replace(" ", "")
@@ -260,11 +332,13 @@ def _parse_duration(value, err) -> float:
             seconds += float(m.group(1)) * _UNIT_SECONDS[m.group(2)]
             pos = m.end()
         if pos != len(text) or not text:
-            raise err("schedule", f"'{value}' is not a duration; write e.g. \"30s\", \"15m\", \"1h30m\" or \"1d\"")
+            raise err("schedule", f"{_describe(value)} is not a duration; write e.g. \"30s\", \"15m\", \"1h30m\" or \"1d\"")
     else:
-        raise err("schedule", f"must be a duration like \"15m\", not {_type(value)}")
-    if seconds < 1:
-        raise err("schedule", f"must be at least one second (got {value!r})")
+        raise err("schedule", f"must be a duration like \"15m\", not {_describe(value)}")
+    if not seconds >= 1:
+        raise err("schedule", f"must be at least one second (got {_describe(value)})")
+    if not seconds <= MAX_SECONDS:
+        raise err("schedule", f"must be at most {_MAX_TEXT} (got {_describe(value)})")
     return seconds
 
 
@@ -273,9 +347,49 @@ def _is_int(v) -> bool:
 
 
 def _is_number(v) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and v == v and v not in (float("inf"), float("-inf"))
+    if isinstance(v, float):
+        return math.isfinite(v)
+    return _is_int(v)
 
 
 def _type(v) -> str:
-    return {bool: "a boolean", int: "an integer", float: "a number", str: "a string",
+    if isinstance(v, datetime.datetime):
+        return "a date-time"
+    if isinstance(v, datetime.date):
+        return "a date"
+    if isinstance(v, datetime.time):
+        return "a time"
+    return {bool: "a boolean", int: "an integer", float: "a float", str: "a string",
             list: "a list", dict: "a table"}.get(type(v), type(v).__name__)
+
+
+def _describe_num(v) -> str:
+    if isinstance(v, int) and not INT_MIN <= v <= INT_MAX:
+        return "a huge number"
+    return f"{v:g}" if isinstance(v, float) else str(v)
+
+
+def _describe(v) -> str:
+    """The type of a value, with the value itself when it is short: `a float (2.5)`."""
+    if isinstance(v, bool):
+        return f"a boolean ({'true' if v else 'false'})"
+    if isinstance(v, (int, float)):
+        return f"{_type(v)} ({_describe_num(v)})"
+    if isinstance(v, str):
+        return f"a string ({v[:40]!r}{'...' if len(v) > 40 else ''})"
+    if isinstance(v, (datetime.date, datetime.time)):
+        return f"{_type(v)} ({v.isoformat()})"
+    return _type(v)
+
+
+def _oneline(text: str) -> str:
+    """Escape what could break a one-line message or fool a terminal: newlines, control and format characters."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+
+
+def _clean(e: ManifestError) -> ManifestError:
+    """The same error with names, keys and values from the file made safe for a one-line message."""
+    clean = ManifestError("", file=_oneline(e.file or ""), step=None if e.step is None else _oneline(e.step),
+                          key=None if e.key is None else _oneline(e.key))
+    clean.args = (_oneline(str(e)),)
+    return clean
