@@ -78,7 +78,8 @@ def execute(job: Job, procs: ProcessTable) -> Result:
     res = Result(task_id=c.task_id, token=c.token, step=step.name, attempt=c.attempt, input_name=c.input_name,
                  ok=False, started_at=started, finished_at=started,
                  retries=step.policy.retries, retry_delay=step.policy.retry_delay)
-    scratch = job.store.tmp / f"task-{c.task_id}-{c.token}-{os.getpid()}"
+    # absolute: the script runs in the pipeline's workdir, so a relative -db must not leak into its paths
+    scratch = job.store.tmp.absolute() / f"task-{c.task_id}-{c.token}-{os.getpid()}"
     try:
         _run(job, procs, scratch, res)
     except StoreWriteError as e:
