@@ -258,7 +258,7 @@ def cmd_submit(a: Namespace, out: Output) -> int:
         step, files = None, list(a.args)
     else:
         if len(a.args) < 2:
-            raise UsageError(usage if a.args else usage + "; name the step, or pass --route to route by file name")
+            raise UsageError(usage + "; name the step, or pass --route to route by file name" if a.args else usage)
         step, files = a.args[0], a.args[1:]
     if not files:
         raise UsageError(usage)
