@@ -52,6 +52,18 @@ def hash_fd(fd: int, algo: str, size_hint: int = 0) -> tuple[str, int]:
     return h.hexdigest(), size
 
 
+def _touch(path: Path) -> bool:
+    """Refresh an existing object's ctime, so that gc sees it is in use again (an identical output
+    not committed yet). False if it vanished meanwhile (gc removed it): then the caller stores its own copy."""
+    try:
+        os.utime(path)
+    except FileNotFoundError:
+        return False
+    except OSError:
+        pass  # not ours to touch (another user's store): keep the old behaviour
+    return True
+
+
 @dataclass(frozen=True)
 class Store:
     root: Path
@@ -87,7 +99,7 @@ class Store:
         os.lseek(fd, 0, os.SEEK_SET)
         digest, size = hash_fd(fd, self.algo, st.st_size)
         dest = self.path(digest)
-        if os.path.exists(dest):
+        if os.path.exists(dest) and _touch(dest):
             os.unlink(src)
             return digest, size
         os.fchmod(fd, 0o444)
