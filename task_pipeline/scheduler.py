@@ -22,7 +22,7 @@ from typing import Callable, Protocol
 import anyio
 import anyio.to_thread
 
-from task_pipeline import state
+from task_pipeline import housekeeping, state
 from task_pipeline.errors import StoreError
 from task_pipeline.executor import KILL_GRACE, Job, ProcessTable, execute
 from task_pipeline.state import Claimed, CommitReport, Result
@@ -99,7 +99,7 @@ async def run_engine(db: Db, store: Store, opts: EngineOptions, reporter: Report
     """
     owner = state.runner_id()
     await db(state.register_runner, owner, opts.kind)
-    await db(state.recover)
+    await reclaim(db, store)
     procs = ProcessTable()
     base_env = dict(os.environ)
     workers = anyio.CapacityLimiter(opts.parallel)
@@ -107,7 +107,7 @@ async def run_engine(db: Db, store: Store, opts: EngineOptions, reporter: Report
     send, recv = anyio.create_memory_object_stream[Result](math.inf)
     summary = Summary()
     inflight: Counter = Counter()
-    flags = {"stopping": False, "claimed_any": False}
+    flags = {"stopping": False, "claimed_any": False, "reclaimed": time.monotonic()}
     wake = [anyio.Event()]
 
     def poke() -> None:
@@ -163,7 +163,7 @@ async def run_engine(db: Db, store: Store, opts: EngineOptions, reporter: Report
         while True:
             await anyio.sleep(opts.lease / 3)
             await db(state.renew, owner, opts.lease)
-            if await db(state.recover, exclude=owner):
+            if await reclaim(db, store, exclude=owner):
                 poke()
 
     async def drain_on_stop() -> None:
@@ -205,6 +205,11 @@ async def run_engine(db: Db, store: Store, opts: EngineOptions, reporter: Report
                         ol = await db(state.outlook, opts.steps)
                         if ol.runnable == 0 and ol.next_due is None and ol.running == 0:
                             break
+                        if ol.runnable == 0 and ol.running > 0 and time.monotonic() - flags["reclaimed"] > 1:
+                            # only others' tasks are left: take back at once those of runners that died
+                            flags["reclaimed"] = time.monotonic()
+                            if await reclaim(db, store, exclude=owner):
+                                continue
                         if ol.runnable == 0:
                             due = (ol.next_due - time.time()) if ol.next_due else opts.poll
                             timeout = max(0.01, min(due, 0.5))
@@ -237,6 +242,13 @@ async def run_engine(db: Db, store: Store, opts: EngineOptions, reporter: Report
             await db(state.unregister_runner, owner)
     summary.elapsed = time.monotonic() - summary.started
     return summary
+
+
+async def reclaim(db: Db, store: Store, exclude: str | None = None) -> int:
+    """Re-queue the tasks of dead runners, after killing the scripts they left running and removing
+    their scratch (so that a re-queued task never runs in two places at once)."""
+    await db(housekeeping.reap_dead_scratch, store)
+    return await db(state.recover, exclude=exclude)
 
 
 def _caps(pipe: state.Pipeline, opts: EngineOptions, inflight: Counter) -> dict[str, int]:
