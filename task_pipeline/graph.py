@@ -1,0 +1,207 @@
+"""`graph`: the step graph as Mermaid (default), DOT (`--format dot`) or JSON (`--json`).
+
+Nodes are the steps (start steps marked) and the terminal `done`. Edges come from
+two places:
+
+- observed, from the store: a task whose parent task ran step A and which itself
+  runs step B is an edge A -> B; a done task's outputs with route key `done` are
+  an edge to `done`. These are drawn solid.
+- guessed, from the manifest's scripts (when -manifest is given): file names
+  written under $OUTPUT_DIR (`> "$OUTPUT_DIR/process_$i.txt"`, `cp x $OUTPUT_DIR/done.json`)
+  are routed like real outputs. Guesses not (yet) confirmed by the store are drawn dashed.
+
+Everything but `cmd_graph` is pure, so it is tested without a store.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import sys
+from argparse import Namespace
+from dataclasses import dataclass, field
+
+from task_pipeline import state
+from task_pipeline.errors import UsageError
+from task_pipeline.manifest import Manifest, load_manifest
+from task_pipeline.report import Output
+from task_pipeline.routing import TERMINAL, Router, route_key
+
+# $OUTPUT_DIR/name or ${OUTPUT_DIR}/name, the name running up to a quote, space or shell operator
+_OUTPUT_RE = re.compile(r"""\$(?:\{OUTPUT_DIR\}|OUTPUT_DIR\b)/+([^\s"'`;|&<>()]+)""")
+
+
+@dataclass(frozen=True)
+class Node:
+    name: str
+    start: bool = False
+    terminal: bool = False
+    version: int | None = None
+    removed: bool = False      # in the store, no longer in the manifest
+
+
+@dataclass
+class Edge:
+    src: str
+    dst: str
+    observed: int = 0          # tasks routed this way (from the store)
+    guessed: bool = False      # found in the source step's script
+
+    @property
+    def dashed(self) -> bool:
+        return not self.observed
+
+
+@dataclass
+class Graph:
+    nodes: list[Node] = field(default_factory=list)
+    edges: list[Edge] = field(default_factory=list)
+
+    def to_json(self) -> dict:
+        return {
+            "nodes": [{"id": n.name, "start": n.start, "terminal": n.terminal, "version": n.version,
+                       "removed": n.removed} for n in self.nodes],
+            "edges": [{"from": e.src, "to": e.dst, "observed": e.observed, "guessed": e.guessed,
+                       "dashed": e.dashed} for e in self.edges],
+        }
+
+
+def guess_output_names(script: str) -> list[str]:
+    """File names a script writes under $OUTPUT_DIR, as far as they can be read from its text.
+    A name that starts with a variable (`$OUTPUT_DIR/$NAME`) says nothing about its route key and is skipped."""
+    names = []
+    for m in _OUTPUT_RE.finditer(script):
+        name = m.group(1).rstrip("\\")
+        if name and not name.startswith("$") and name not in names:
+            names.append(name)
+    return names
+
+
+def guess_edges(steps: list[tuple[str, str, tuple[str, ...]]]) -> list[tuple[str, str]]:
+    """(step, consumer) pairs from each step's script; `steps` are (name, script, consumes) in manifest order."""
+    router = Router.build((name, consumes) for name, _, consumes in steps)
+    edges: list[tuple[str, str]] = []
+    for name, script, _ in steps:
+        for out in guess_output_names(script):
+            targets = (TERMINAL,) if route_key(out) == TERMINAL else router.consumers(out)
+            for t in targets:
+                if (name, t) not in edges:
+                    edges.append((name, t))
+    return edges
+
+
+def build_graph(steps: list[Node], observed: dict[tuple[str, str], int], guessed: list[tuple[str, str]]) -> Graph:
+    """Nodes: `steps`, any step an observed edge names, and `done`. Edges: observed first, then guesses."""
+    nodes = {n.name: n for n in steps}
+    for src, dst in observed:
+        for name in (src, dst):
+            if name not in nodes and name != TERMINAL:
+                nodes[name] = Node(name, removed=True)
+    nodes[TERMINAL] = Node(TERMINAL, terminal=True)
+    edges: dict[tuple[str, str], Edge] = {}
+    for (src, dst), n in observed.items():
+        edges[(src, dst)] = Edge(src, dst, observed=n)
+    for src, dst in guessed:
+        e = edges.setdefault((src, dst), Edge(src, dst))
+        e.guessed = True
+    order = {name: i for i, name in enumerate(nodes)}
+    return Graph(list(nodes.values()), sorted(edges.values(), key=lambda e: (order[e.src], order[e.dst])))
+
+
+def _label(n: Node) -> str:
+    label = n.name
+    if n.version is not None:
+        label += f" v{n.version}"
+    if n.start:
+        label += " (start)"
+    if n.removed:
+        label += " (removed)"
+    return label
+
+
+def _mermaid_id(name: str) -> str:
+    return "done" if name == TERMINAL else "step_" + name.replace("-", "_")
+
+
+def render_mermaid(g: Graph) -> str:
+    lines = ["flowchart LR"]
+    for n in g.nodes:
+        nid, label = _mermaid_id(n.name), _label(n)
+        if n.terminal:
+            lines.append(f"    {nid}(((done)))")
+        elif n.start:
+            lines.append(f'    {nid}(["{label}"])')
+        else:
+            lines.append(f'    {nid}["{label}"]')
+    for e in g.edges:
+        arrow = "-.->" if e.dashed else "-->"
+        count = f"|{e.observed}|" if e.observed else ""
+        lines.append(f"    {_mermaid_id(e.src)} {arrow}{count} {_mermaid_id(e.dst)}")
+    return "\n".join(lines) + "\n"
+
+
+def render_dot(g: Graph) -> str:
+    lines = ["digraph pipeline {", "    rankdir=LR;", "    node [shape=box];"]
+    for n in g.nodes:
+        if n.terminal:
+            attrs = 'shape=doublecircle, label="done"'
+        else:
+            attrs = f'label="{_label(n)}"' + (", peripheries=2" if n.start else "") + (", style=dotted" if n.removed else "")
+        lines.append(f'    "{n.name}" [{attrs}];')
+    for e in g.edges:
+        attrs = []
+        if e.dashed:
+            attrs.append("style=dashed")
+        if e.observed:
+            attrs.append(f'label="{e.observed}"')
+        lines.append(f'    "{e.src}" -> "{e.dst}"' + (f" [{', '.join(attrs)}]" if attrs else "") + ";")
+    lines.append("}")
+    return "\n".join(lines) + "\n"
+
+
+# -- reading the store -------------------------------------------------------------
+
+
+def observed_edges(conn) -> dict[tuple[str, str], int]:
+    """Routing as it happened: parent task's step -> child task's step, and done outputs -> `done`."""
+    found: dict[tuple[str, str], int] = {}
+    for src, dst, n in conn.execute(
+            """SELECT ps.name, cs.name, count(*) FROM task c JOIN task p ON p.id = c.parent_id
+               JOIN step ps ON ps.id = p.step_id JOIN step cs ON cs.id = c.step_id
+               GROUP BY ps.name, cs.name"""):
+        found[(src, dst)] = n
+    for src, n in conn.execute(
+            """SELECT s.name, count(*) FROM output o JOIN task t ON t.id = o.task_id JOIN step s ON s.id = t.step_id
+               WHERE o.key = ? GROUP BY s.name""", (TERMINAL,)):
+        found[(src, TERMINAL)] = n
+    return found
+
+
+def cmd_graph(a: Namespace, out: Output) -> int:
+    if a.args:
+        raise UsageError("usage: task-pipeline graph [-manifest M] [-db D] [--format mermaid|dot] [--json]")
+    manifest: Manifest | None = load_manifest(a.manifest) if a.manifest else None
+    has_store = state.db_path(a.db).exists()
+    if manifest is None and not has_store:
+        raise UsageError(f"graph needs a manifest (-manifest M) or a store (-db D); {a.db}: no store here")
+    observed: dict[tuple[str, str], int] = {}
+    versions: dict[str, int] = {}
+    store_steps: list[Node] = []
+    if has_store:
+        conn = state.connect(a.db)
+        pipe = state.load_pipeline(conn)
+        observed = observed_edges(conn)
+        versions = {s.name: s.version for s in pipe.steps.values()}
+        store_steps = [Node(s.name, start=s.is_start, version=s.version, removed=not s.in_manifest)
+                       for s in pipe.steps.values()]
+    if manifest is not None:
+        steps = [Node(s.name, start=s.start, version=versions.get(s.name)) for s in manifest.steps]
+        guessed = guess_edges([(s.name, s.script, s.consumes) for s in manifest.steps])
+    else:
+        steps, guessed = store_steps, []
+    g = build_graph(steps, observed, guessed)
+    if a.json:
+        sys.stdout.write(json.dumps(g.to_json(), indent=2) + "\n")
+    else:
+        sys.stdout.write(render_dot(g) if a.format == "dot" else render_mermaid(g))
+    return 0
