@@ -38,6 +38,8 @@ _TOML_HINTS = (  # tomllib's message fragment -> what the user most likely has t
     ("Cannot overwrite a value", "; a key may appear once per table, and [step] cannot be mixed with [[step]]"),
     ("Cannot declare", "; a table may be declared once (write [[step]] for each step)"),
     ("Unterminated string", "; close the string with its opening quote"),
+    ("Illegal character '\\n'", "; a \"string\" must end on its line (use '''...''' for a script of several lines)"),
+    ("Unescaped '\\'", "; write \\\\ for a backslash, or use a 'literal string'"),
     ("Unclosed", "; close the array or inline table"),
 )
 MAX_SECONDS = 365 * 86400.0  # longest timeout, retry_delay or schedule: beyond it a value is surely a mistake
@@ -129,7 +131,10 @@ def _parse(data: bytes | str, file: str, base_dir: Path | None) -> Manifest:
         try:
             text = data.decode("utf-8")
         except UnicodeDecodeError as e:
-            raise ManifestError(f"not UTF-8 text (byte {e.start}); save the manifest as UTF-8", file=file) from None
+            line = data.count(b"\n", 0, e.start) + 1
+            column = e.start - data.rfind(b"\n", 0, e.start)
+            raise ManifestError(f"not UTF-8 text: byte 0x{data[e.start]:02x} at line {line}, column {column}; "
+                                "save the manifest as UTF-8", file=file) from None
     else:
         text = data
     text = text.removeprefix("\ufeff")  # a byte-order mark (Windows editors write one) is harmless
@@ -366,7 +371,7 @@ def _type(v) -> str:
 def _describe_num(v) -> str:
     if isinstance(v, int) and not INT_MIN <= v <= INT_MAX:
         return "a huge number"
-    return f"{v:g}" if isinstance(v, float) else str(v)
+    return repr(v) if isinstance(v, float) else str(v)
 
 
 def _describe(v) -> str:
