@@ -93,7 +93,7 @@ def guess_edges(steps: list[tuple[str, str, tuple[str, ...]]]) -> list[tuple[str
 def build_graph(steps: list[Node], observed: dict[tuple[str, str], int], guessed: list[tuple[str, str]]) -> Graph:
     """Nodes: `steps`, any step an observed edge names, and `done`. Edges: observed first, then guesses."""
     nodes = {n.name: n for n in steps}
-    for src, dst in observed:
+    for src, dst in [*observed, *guessed]:
         for name in (src, dst):
             if name not in nodes and name != TERMINAL:
                 nodes[name] = Node(name, removed=True)
