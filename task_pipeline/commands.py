@@ -304,10 +304,14 @@ def cmd_logs(a: Namespace, out: Output) -> int:
         for label in ("stdout", "stderr"):
             h = at[f"{label}_hash"]
             if h and store.has(h):
-                with store.open(h) as f:
-                    data = f.read(64 * 1024)
+                with store.open(h) as f:  # the tail: the end of a log is where the error is
+                    size = os.fstat(f.fileno()).st_size
+                    f.seek(max(size - 64 * 1024, 0))
+                    data = f.read()
                 if data:
-                    out.print(f"   [{label}]")
+                    if size > len(data):
+                        data = data.split(b"\n", 1)[-1]
+                    sys.stdout.write(f"   [{label}]" + (f" (last {len(data)} of {size} bytes)" if size > len(data) else "") + "\n")
                     sys.stdout.write(data.decode("utf-8", "replace").rstrip("\n") + "\n")
     return EXIT_OK
 
