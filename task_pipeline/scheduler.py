@@ -24,7 +24,7 @@ import anyio.to_thread
 
 from task_pipeline import housekeeping, state
 from task_pipeline.errors import StoreError
-from task_pipeline.executor import KILL_GRACE, Job, ProcessTable, execute
+from task_pipeline.executor import KILL_GRACE, Job, ProcessTable, Slots, execute
 from task_pipeline.state import Claimed, CommitReport, Result
 from task_pipeline.store import Store
 
@@ -101,6 +101,8 @@ async def run_engine(db: Db, store: Store, opts: EngineOptions, reporter: Report
     await db(state.register_runner, owner, opts.kind)
     await reclaim(db, store)
     procs = ProcessTable()
+    slots = Slots(store.tmp)
+    await anyio.to_thread.run_sync(lambda: store.empty)
     base_env = dict(os.environ)
     workers = anyio.CapacityLimiter(opts.parallel)
     step_limits: dict[str, tuple[int, anyio.CapacityLimiter]] = {}
@@ -130,7 +132,7 @@ async def run_engine(db: Db, store: Store, opts: EngineOptions, reporter: Report
                              started_at=now, finished_at=now, interrupted=True, error="not started: shutting down")
             else:
                 reporter.task_started(c)
-                res = await anyio.to_thread.run_sync(execute, job, procs, limiter=workers)
+                res = await anyio.to_thread.run_sync(execute, job, procs, slots, limiter=workers)
         await send.send(res)
 
     async def committer() -> None:
@@ -143,6 +145,9 @@ async def run_engine(db: Db, store: Store, opts: EngineOptions, reporter: Report
                     except anyio.WouldBlock:
                         break
                 try:
+                    # Objects reach the disk before the rows that refer to them. The flush runs
+                    # outside the database thread so that claiming goes on meanwhile.
+                    await anyio.to_thread.run_sync(_sync, store)
                     rep = await db(state.commit, batch, owner)
                 except StoreError as e:
                     summary.store_error = str(e)
@@ -191,8 +196,8 @@ async def run_engine(db: Db, store: Store, opts: EngineOptions, reporter: Report
                 total = sum(inflight.values())
                 if not flags["stopping"]:
                     room = opts.parallel * 2 - total
-                    caps = _caps(await db(state.load_pipeline), opts, inflight) if room > 0 else {}
-                    claimed = await db(state.claim, owner, caps, room, opts.lease) if caps else []
+                    caps = partial(_caps, opts=opts, inflight=inflight)
+                    claimed = await db(state.claim, owner, caps, room, opts.lease) if room > 0 else []
                     for c in claimed:
                         inflight[c.step.name] += 1
                         tg.start_soon(worker, c)
@@ -240,6 +245,7 @@ async def run_engine(db: Db, store: Store, opts: EngineOptions, reporter: Report
     finally:
         with anyio.CancelScope(shield=True):
             await db(state.unregister_runner, owner)
+            await anyio.to_thread.run_sync(slots.close)
     summary.elapsed = time.monotonic() - summary.started
     return summary
 
@@ -251,7 +257,14 @@ async def reclaim(db: Db, store: Store, exclude: str | None = None) -> int:
     return await db(state.recover, exclude=exclude)
 
 
-def _caps(pipe: state.Pipeline, opts: EngineOptions, inflight: Counter) -> dict[str, int]:
+def _sync(store: Store) -> None:
+    try:
+        store.sync()
+    except OSError as e:
+        raise StoreError(f"cannot flush the store to disk: {e.strerror}") from None
+
+
+def _caps(pipe: state.Pipeline, *, opts: EngineOptions, inflight: Counter) -> dict[str, int]:
     """How many more tasks each step may lease now: its limit plus as many again waiting, so that a
     finishing worker finds the next task ready. Downstream steps come first, so that items flow to
     the end rather than piling up at the start."""

@@ -28,7 +28,7 @@ from collections import Counter
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Callable, Iterable, Iterator
 
 from task_pipeline.errors import StoreError, UsageError
 from task_pipeline.manifest import Manifest
@@ -464,15 +464,15 @@ def unregister_runner(conn: sqlite3.Connection, owner: str) -> None:
         conn.execute("DELETE FROM runner WHERE id=?", (owner,))
 
 
-def claim(conn: sqlite3.Connection, owner: str, caps: dict[str, int], room: int, lease: float,
-          now: float | None = None) -> list[Claimed]:
-    """Lease up to `room` runnable tasks, at most `caps[step]` per step, visiting steps in the
-    order of `caps` and oldest tasks first, in one transaction."""
+def claim(conn: sqlite3.Connection, owner: str, caps: Callable[[Pipeline], dict[str, int]], room: int,
+          lease: float, now: float | None = None) -> list[Claimed]:
+    """Lease up to `room` runnable tasks, at most `caps(pipeline)[step]` per step, visiting steps
+    in the order `caps` gives and oldest tasks first, in one transaction."""
     now = now or time.time()
     out: list[Claimed] = []
     with transaction(conn):
         pipe = load_pipeline(conn)
-        for name, cap in caps.items():
+        for name, cap in caps(pipe).items():
             step = pipe.steps.get(name)
             n = min(cap, room - len(out))
             if n <= 0 or step is None or not step.in_manifest:

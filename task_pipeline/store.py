@@ -2,20 +2,24 @@
 
 Objects are immutable and read-only (0444). They get there by hashing a file
 once, streaming, then renaming it into place: no copy when the file is already
-on the store's filesystem (a task's OUTPUT_DIR is). A file is fsynced before
-the rename, so an object that the database refers to has its bytes on disk.
+on the store's filesystem (a task's OUTPUT_DIR is). Before the database refers
+to an object its bytes are on disk: fsynced one by one, or, for task outputs,
+by one `sync()` of the filesystem per commit batch.
 Writing an object that exists already just drops the new file: identical
 outputs are stored once.
 """
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import errno
 import hashlib
 import os
 import shutil
 import stat
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import BinaryIO, Iterator
 
@@ -24,6 +28,12 @@ from task_pipeline.errors import StoreError
 CHUNK = 1 << 20
 ALGORITHMS = ("sha256", "blake3")
 _BLAKE3_THREADS_FROM = 16 << 20  # below this, threading costs more than it gains
+
+
+try:
+    _syncfs = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True).syncfs
+except (OSError, AttributeError):  # not Linux: fall back to sync()
+    _syncfs = None
 
 
 def new_hasher(algo: str, size_hint: int = 0):
@@ -89,8 +99,12 @@ class Store:
 
     # -- writing ---------------------------------------------------------
 
-    def ingest_fd(self, fd: int, src: Path) -> tuple[str, int]:
+    def ingest_fd(self, fd: int, src: Path, *, fsync: bool = True) -> tuple[str, int]:
         """Hash the open regular file `fd` (whose name is `src`), fsync it, and move it into the store.
+
+        With fsync=False the caller promises to call `sync()` before anything refers to
+        the object (the engine does, once per commit batch, which is far cheaper than a
+        flush per file and also covers the renames).
 
         The file must be on the store's filesystem for the move to be a rename;
         otherwise it is copied to tmp/ first.
@@ -103,7 +117,8 @@ class Store:
             os.unlink(src)
             return digest, size
         os.fchmod(fd, 0o444)
-        os.fsync(fd)
+        if fsync:
+            os.fsync(fd)
         self._place(src, dest)
         return digest, size
 
@@ -125,6 +140,20 @@ class Store:
         fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
         try:
             return self.ingest_fd(fd, path)
+        finally:
+            os.close(fd)
+
+    @cached_property
+    def empty(self) -> tuple[str, int]:
+        """The empty object, which most logs are: stored once, then referred to without any file work."""
+        return self.ingest_bytes(b"")
+
+    def sync(self) -> None:
+        """Flush everything written to the store's filesystem (objects and their directory entries)."""
+        fd = os.open(self.objects, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            if _syncfs is None or _syncfs(fd) != 0:
+                os.sync()
         finally:
             os.close(fd)
 
