@@ -44,6 +44,8 @@ _TOML_HINTS = (  # tomllib's message fragment -> what the user most likely has t
 )
 MAX_SECONDS = 365 * 86400.0  # longest timeout, retry_delay or schedule: beyond it a value is surely a mistake
 _MAX_TEXT = "365 days (31536000 seconds)"
+MAX_MANIFEST_BYTES = 16 << 20
+MAX_SHOWN = 60  # characters of a name or key quoted in a message
 INT_MIN, INT_MAX = -(2**63), 2**63 - 1  # TOML integers are 64-bit; tomllib accepts more
 
 
@@ -106,7 +108,8 @@ def load_manifest(path: str | Path) -> Manifest:
 
 def _load(p: Path) -> Manifest:
     try:
-        data = p.read_bytes()
+        with p.open("rb") as f:  # bounded: -manifest /dev/zero must not eat the memory
+            data = f.read(MAX_MANIFEST_BYTES + 1)
         base_dir = p.resolve().parent
     except FileNotFoundError:
         raise ManifestError("file not found; pass the manifest with -manifest PATH", file=str(p)) from None
@@ -114,6 +117,8 @@ def _load(p: Path) -> Manifest:
         raise ManifestError(f"cannot read: {e.strerror or e}", file=str(p)) from None
     except (RuntimeError, ValueError) as e:  # a symlink loop on some Pythons, a NUL byte in the path
         raise ManifestError(f"cannot read: {e}", file=str(p)) from None
+    if len(data) > MAX_MANIFEST_BYTES:
+        raise ManifestError(f"larger than {MAX_MANIFEST_BYTES >> 20} MiB; is this really a manifest?", file=str(p))
     return _parse(data, str(p), base_dir)
 
 
@@ -188,7 +193,7 @@ def _parse(data: bytes | str, file: str, base_dir: Path | None) -> Manifest:
         step = _parse_step(raw, i, file)
         if step.name in seen:
             raise ManifestError(f"duplicate step name (step #{i + 1} repeats an earlier one); step names must be unique",
-                                file=file, step=step.name, key="name")
+                                file=file, step=_short(step.name), key="name")
         seen.add(step.name)
         steps.append(step)
     return Manifest(path=file, workdir=workdir, steps=tuple(steps))
@@ -206,11 +211,11 @@ def _check_keys(table: dict, allowed: tuple[str, ...], *, file: str, step: str |
                 hint = f"; '{key}' belongs in the [pipeline] table"
             else:
                 hint = f"; allowed keys: {', '.join(allowed)}"
-            raise ManifestError(f"unknown key in {what}{hint}", file=file, step=step, key=key)
+            raise ManifestError(f"unknown key in {what}{hint}", file=file, step=step, key=_short(key))
 
 
 def _parse_step(raw: dict, index: int, file: str) -> Step:
-    label = raw.get("name") if isinstance(raw.get("name"), str) and raw.get("name") else f"#{index + 1}"
+    label = _short(raw["name"]) if isinstance(raw.get("name"), str) and raw["name"] else f"#{index + 1}"
 
     def err(key: str, msg: str) -> ManifestError:
         return ManifestError(msg, file=file, step=label, key=key)
@@ -243,7 +248,7 @@ def _parse_step(raw: dict, index: int, file: str) -> Step:
     if not isinstance(name, str):
         raise err("name", f"must be a string, not {_describe(name)}")
     if not NAME_RE.match(name):
-        raise err("name", f"{name!r} must match [A-Za-z0-9][A-Za-z0-9-]*: letters, digits and '-' (routing could never reach a name with '_', '.' or spaces)")
+        raise err("name", f"{_short(name)!r} must match [A-Za-z0-9][A-Za-z0-9-]*: letters, digits and '-' (routing could never reach a name with '_', '.' or spaces)")
     if name in RESERVED_NAMES:
         raise err("name", "'done' is reserved for terminal outputs; choose another name")
 
@@ -279,7 +284,7 @@ def _parse_step(raw: dict, index: int, file: str) -> Step:
             if pat == "done":
                 raise err("inputs", "'done' is terminal and cannot be consumed; route to another key")
             if not is_glob(pat) and "_" in pat:
-                raise err("inputs", f"'{pat}' can never match: a route key is the part of the file name before the first '_' (use a glob like '{pat}*' to match whole names)")
+                raise err("inputs", f"'{_short(pat)}' can never match: a route key is the part of the file name before the first '_' (use a glob like '{_short(pat)}*' to match whole names)")
         if start:
             raise err("inputs", "a start step takes no inputs; remove 'inputs' or 'start'")
         inputs_t = tuple(dict.fromkeys(inputs))
@@ -295,11 +300,11 @@ def _parse_step(raw: dict, index: int, file: str) -> Step:
         raise err("env", f"must be a table of strings, like env = {{ LANG = \"C\" }}, not {_describe(env)}")
     for k, v in env.items():
         if not isinstance(v, str):
-            raise err(f"env.{k}", f"must be a string, not {_describe(v)} (quote it)")
+            raise err(f"env.{_short(k)}", f"must be a string, not {_describe(v)} (quote it)")
         if not k or "=" in k or "\0" in k:
-            raise err(f"env.{k}", "is not a valid environment variable name (empty, or contains '=' or NUL)")
+            raise err(f"env.{_short(k)}", "is not a valid environment variable name (empty, or contains '=' or NUL)")
         if "\0" in v:
-            raise err(f"env.{k}", "contains a NUL character, which the environment cannot hold")
+            raise err(f"env.{_short(k)}", "contains a NUL character, which the environment cannot hold")
 
     shell = raw.get("shell", "sh")
     if not isinstance(shell, str):
@@ -307,7 +312,7 @@ def _parse_step(raw: dict, index: int, file: str) -> Step:
     if not shell.strip() or "\0" in shell:
         raise err("shell", "must name an interpreter, like \"bash\"")
     if shell != shell.strip() or any(c.isspace() for c in shell):
-        raise err("shell", f"must be one program, run as [shell, \"-c\", script], not {shell!r}; put options in the script")
+        raise err("shell", f"must be one program, run as [shell, \"-c\", script], not {_short(shell)!r}; put options in the script")
 
     schedule = raw.get("schedule")
     sched_s: float | None = None
@@ -385,6 +390,10 @@ def _describe(v) -> str:
     if isinstance(v, (datetime.date, datetime.time)):
         return f"{_type(v)} ({v.isoformat()})"
     return _type(v)
+
+
+def _short(text: str) -> str:
+    return text if len(text) <= MAX_SHOWN else text[:MAX_SHOWN] + "..."
 
 
 def _oneline(text: str) -> str:

@@ -239,6 +239,23 @@ def test_load_manifest_errors_name_the_file(tmp_path):
         load_manifest(tmp_path)  # a directory
 
 
+
+@pytest.mark.skipif(not Path("/dev/zero").exists(), reason="needs /dev/zero")
+def test_an_endless_file_is_refused_not_read_to_the_end():
+    with pytest.raises(ManifestError, match=r"^/dev/zero: larger than 16 MiB; is this really a manifest\?$"):
+        load_manifest("/dev/zero")
+
+
+def test_long_names_and_keys_are_shortened_in_messages():
+    long = "x" * 5000
+    for text, key in [(f'[[step]]\nname = "{long}_"\nscript = "x"\n', "name"),
+                      (f'[[step]]\nname = "a"\nscript = "x"\n{long} = 1\n', "x" * 60 + "..."),
+                      (f'[[step]]\nname = "a"\nscript = "x"\nenv = {{ {long} = 1 }}\n', "env." + "x" * 60 + "..."),
+                      (f'[[step]]\nname = "a"\nscript = "x"\ninputs = ["{long}_"]\n', "inputs")]:
+        e = error(text)
+        assert e.key == key
+        assert len(str(e)) < 400, str(e)
+
 # -- the examples shipped with the project --------------------------------------------
 
 
