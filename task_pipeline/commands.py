@@ -91,7 +91,7 @@ def cmd_run(a: Namespace, out: Output) -> int:
     state.seed_start(conn, seeds, a.runset)
     report_tainted(state.tainted(conn), a, out)
 
-    pending = {c["step"]: c["pending"] + c["running"] for c in queries.step_counts(conn)}
+    pending = {name: c["pending"] + c["running"] for name, c in state.counts(conn).items()}
     parallel = a.parallel or os.cpu_count() or 1
     opts = EngineOptions(parallel=parallel, steps=steps, fail_fast=a.fail_fast, grace=a.grace)
     with RunReporter(out, pending, [s.name for s in manifest.steps]) as reporter:
@@ -128,8 +128,8 @@ def finish_run(conn, store: Store, summary: Summary, a: Namespace, out: Output, 
     if summary.store_error:
         out.log("error", summary.store_error)
     if summary.ran == 0 and not summary.requeued:
-        counts = queries.step_counts(conn)
-        done = sum(c["done"] for c in counts if steps is None or c["step"] in steps)
+        counts = state.counts(conn, ("done",))
+        done = sum(c["done"] for name, c in counts.items() if steps is None or name in steps)
         if not manifest.start_steps and not a.start and done == 0:
             out.log("info", "nothing to do: no start step and no pending tasks; add inputs with "
                             "'task-pipeline submit STEP FILE'")

@@ -114,10 +114,8 @@ class Daemon:
         self.opts = EngineOptions(parallel=a.parallel or os.cpu_count() or 1, until_idle=False, kind="serve",
                                   grace=a.grace, steps=frozenset(a.step) if a.step else None)
 
-    def wake_value(self, conn=None):
-        # The engine also calls this once without a connection, before it starts polling.
-        if conn is None:
-            return None
+    def wake_value(self, conn):
+        # data_version changes when another connection commits (a submit, a retry); ticks when we seed or reload
         return conn.execute("PRAGMA data_version").fetchone()[0], self.ticks[0]
 
     def selected(self, name: str) -> bool:

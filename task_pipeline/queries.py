@@ -11,6 +11,7 @@ import sqlite3
 import time
 
 from task_pipeline.errors import UsageError
+from task_pipeline import state
 from task_pipeline.state import load_pipeline
 
 
@@ -48,21 +49,24 @@ def oldest_pending_age(conn: sqlite3.Connection, now: float | None = None) -> fl
 
 
 def failed_tasks(conn: sqlite3.Connection, steps: frozenset[str] | None = None, limit: int = 50) -> list[dict]:
-    rows = conn.execute(
-        """SELECT t.id, s.name, t.input_name, t.exit_code, t.error, t.finished_at,
-                  (SELECT stderr_hash FROM attempt a WHERE a.task_id = t.id ORDER BY a.id DESC LIMIT 1) AS stderr_hash
-           FROM task t JOIN step s ON s.id = t.step_id JOIN step_current c ON c.step_id = t.step_id
-           WHERE t.state='failed' AND t.live=1 ORDER BY t.finished_at DESC, t.id DESC LIMIT ?""", (limit,)).fetchall()
-    return [{"task": r["id"], "step": r["name"], "input": r["input_name"], "exit": r["exit_code"], "error": r["error"],
-             "finished_at": r["finished_at"], "stderr_hash": r["stderr_hash"], "stderr": None}
-            for r in rows if steps is None or r["name"] in steps]
+    """The most recent failed tasks of current versions (through the index, per step)."""
+    out = []
+    for s in load_pipeline(conn).steps.values():
+        if steps is not None and s.name not in steps:
+            continue
+        rows = conn.execute(
+            """SELECT t.id, t.input_name, t.exit_code, t.error, t.finished_at,
+                      (SELECT stderr_hash FROM attempt a WHERE a.task_id = t.id ORDER BY a.id DESC LIMIT 1) AS stderr_hash
+               FROM task t WHERE t.step_id=? AND t.state='failed' AND t.live=1
+               ORDER BY t.finished_at DESC, t.id DESC LIMIT ?""", (s.step_id, limit)).fetchall()
+        out += [{"task": r["id"], "step": s.name, "input": r["input_name"], "exit": r["exit_code"], "error": r["error"],
+                 "finished_at": r["finished_at"], "stderr_hash": r["stderr_hash"], "stderr": None} for r in rows]
+    out.sort(key=lambda f: (-(f["finished_at"] or 0), -f["task"]))
+    return out[:limit]
 
 
 def count_failed(conn: sqlite3.Connection, steps: frozenset[str] | None = None) -> int:
-    rows = conn.execute(
-        """SELECT c.name, count(*) FROM task t JOIN step_current c ON c.step_id = t.step_id
-           WHERE t.state='failed' AND t.live=1 GROUP BY c.name""").fetchall()
-    return sum(n for name, n in rows if steps is None or name in steps)
+    return sum(c["failed"] for name, c in state.counts(conn, ("failed",)).items() if steps is None or name in steps)
 
 
 def _step_ids(conn, step: str, history: bool) -> list[int]:

@@ -91,11 +91,12 @@ class _Stop(Exception):
 
 
 async def run_engine(db: Db, store: Store, opts: EngineOptions, reporter: Reporter,
-                     stop: anyio.Event | None = None, wake_source: Callable[[], object] | None = None) -> Summary:
+                     stop: anyio.Event | None = None, wake_source: Callable[[object], object] | None = None) -> Summary:
     """Process tasks until the pipeline is drained (`until_idle`) or `stop` is set.
 
-    `wake_source`, if given, is polled cheaply between claims (the daemon passes the
-    database's data_version) so that work submitted by other processes is seen quickly.
+    `wake_source(conn)`, if given, is polled every `opts.poll` seconds on the database
+    thread while the engine waits (the daemon passes the database's data_version), so
+    that work submitted by other processes is seen quickly without claiming in a loop.
     """
     owner = state.runner_id()
     await db(state.register_runner, owner, opts.kind)
@@ -176,16 +177,17 @@ async def run_engine(db: Db, store: Store, opts: EngineOptions, reporter: Report
         await stop.wait()
         flags["stopping"] = True
         poke()
-        with anyio.move_on_after(opts.grace):
-            while sum(inflight.values()) > 0:
-                await anyio.sleep(0.05)
+        began = time.monotonic()
+        # opts.grace is read on every turn: a second signal sets it to 0 to stop at once
+        while sum(inflight.values()) > 0 and time.monotonic() - began < opts.grace:
+            await anyio.sleep(0.05)
         if sum(inflight.values()) > 0:
             n = procs.signal_all(signal.SIGTERM)
             reporter.log("warning", f"grace period over: stopping {n} running script(s); their tasks go back to the queue")
             await anyio.sleep(KILL_GRACE)
             procs.signal_all(signal.SIGKILL)
 
-    last_seen = wake_source() if wake_source else None
+    last_seen = await db(wake_source) if wake_source else None
     try:
         async with anyio.create_task_group() as tg:
             tg.start_soon(committer)
@@ -202,42 +204,36 @@ async def run_engine(db: Db, store: Store, opts: EngineOptions, reporter: Report
                         inflight[c.step.name] += 1
                         tg.start_soon(worker, c)
                     total += len(claimed)
+                timeout: float | None = None  # None: until poked (a worker or commit finished) or new work appears
                 if total == 0:
                     if flags["stopping"]:
                         break
-                    timeout = opts.poll
-                    if opts.until_idle:
-                        ol = await db(state.outlook, opts.steps)
-                        if ol.runnable == 0 and ol.next_due is None and ol.running == 0:
-                            break
-                        if ol.runnable == 0 and ol.running > 0 and time.monotonic() - flags["reclaimed"] > 1:
-                            # only others' tasks are left: take back at once those of runners that died
-                            flags["reclaimed"] = time.monotonic()
-                            if await reclaim(db, store, exclude=owner):
-                                continue
-                        if ol.runnable == 0:
-                            due = (ol.next_due - time.time()) if ol.next_due else opts.poll
-                            timeout = max(0.01, min(due, 0.5))
-                elif flags["stopping"]:
-                    timeout = None
-                else:
-                    timeout = None if opts.until_idle else opts.poll
-                if wake_source is not None and not wake[0].is_set():
-                    # Look for work from other processes without waking the CPU more than needed.
-                    deadline = time.monotonic() + (timeout if timeout is not None else 3600)
+                    ol = await db(state.outlook, opts.steps)
+                    if opts.until_idle and ol.runnable == 0 and ol.next_due is None and ol.running == 0:
+                        break
+                    if ol.runnable == 0 and ol.running > 0 and time.monotonic() - flags["reclaimed"] > 1:
+                        # only others' tasks are left: take back at once those of runners that died
+                        flags["reclaimed"] = time.monotonic()
+                        if await reclaim(db, store, exclude=owner):
+                            continue
+                    if ol.runnable:
+                        timeout = 0.05  # someone else got there first; look again shortly
+                    elif ol.next_due is not None:
+                        timeout = max(0.01, ol.next_due - time.time())  # a retry's backoff ends
+                    elif opts.until_idle:
+                        timeout = 0.5  # others are running the rest: their commits may make more
+                if wake_source is not None and not flags["stopping"]:
+                    # Other processes make work too (submit): watch a cheap read-only value for it.
+                    deadline = math.inf if timeout is None else time.monotonic() + timeout
                     while not wake[0].is_set() and time.monotonic() < deadline:
-                        with anyio.move_on_after(min(opts.poll, max(deadline - time.monotonic(), 0))):
+                        with anyio.move_on_after(min(opts.poll, deadline - time.monotonic())):
                             await wake[0].wait()
                         seen = await db(wake_source)
                         if seen != last_seen:
                             last_seen = seen
                             break
-                        if total == 0 and stop is not None and stop.is_set():
-                            break
-                elif timeout is None:
-                    await wake[0].wait()
                 else:
-                    with anyio.move_on_after(timeout):
+                    with anyio.move_on_after(math.inf if timeout is None else timeout):
                         await wake[0].wait()
                 wake[0] = anyio.Event()
             send.close()

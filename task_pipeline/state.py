@@ -347,19 +347,35 @@ def _backfill(conn, pipe: Pipeline, step: CurrentStep, now: float) -> int:
 
 
 def tainted(conn: sqlite3.Connection) -> dict[str, Taint]:
-    """Finished tasks (done or failed) of a version that is no longer current, per step."""
-    rows = conn.execute(
-        """SELECT c.name, s.version, cs.version AS current, count(*) AS n
-           FROM task t JOIN step s ON s.id = t.step_id
-           JOIN step_current c ON c.name = s.name JOIN step cs ON cs.id = c.step_id
-           WHERE t.live = 1 AND t.state IN ('done', 'failed') AND t.step_id != c.step_id
-           GROUP BY c.name, s.version"""
-    ).fetchall()
+    """Finished tasks (done or failed) of a version that is no longer current, per step.
+
+    Counted per old version through the (step_id, state, live) index, so the cost
+    follows the number of tainted tasks, not the size of the store.
+    """
     out: dict[str, Taint] = {}
-    for r in rows:
-        t = out.setdefault(r["name"], Taint(0, (), r["current"]))
-        t.count += r["n"]
-        t.from_versions = tuple(sorted({*t.from_versions, r["version"]}))
+    old_versions = conn.execute(
+        """SELECT c.name, s.id, s.version, cs.version AS current FROM step s
+           JOIN step_current c ON c.name = s.name JOIN step cs ON cs.id = c.step_id
+           WHERE s.id != c.step_id ORDER BY c.position, s.version""").fetchall()
+    for r in old_versions:
+        n = conn.execute(
+            "SELECT count(*) FROM task WHERE step_id=? AND state IN ('done', 'failed') AND live=1",
+            (r["id"],)).fetchone()[0]
+        if n:
+            t = out.setdefault(r["name"], Taint(0, (), r["current"]))
+            t.count += n
+            t.from_versions = (*t.from_versions, r["version"])
+    return out
+
+
+def counts(conn: sqlite3.Connection, states: Iterable[str] = ("pending", "running")) -> dict[str, Counter]:
+    """Live tasks per current step and state, through the index: cheap for the states asked for."""
+    out: dict[str, Counter] = {}
+    for s in load_pipeline(conn).steps.values():
+        c = out[s.name] = Counter()
+        for st in states:
+            c[st] = conn.execute("SELECT count(*) FROM task WHERE step_id=? AND state=? AND live=1",
+                                 (s.step_id, st)).fetchone()[0]
     return out
 
 
