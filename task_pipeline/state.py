@@ -106,7 +106,15 @@ def transaction(conn: sqlite3.Connection) -> Iterator[sqlite3.Connection]:
     except BaseException:
         conn.execute("ROLLBACK")
         raise
-    conn.execute("COMMIT")
+    try:
+        conn.execute("COMMIT")
+    except sqlite3.OperationalError as e:
+        # a failed COMMIT (disk full, I/O error) leaves the transaction open: end it, and say what happened
+        if conn.in_transaction:
+            conn.execute("ROLLBACK")
+        if "full" in str(e) or "disk I/O" in str(e):
+            raise StoreError(f"cannot write the database: {e}; nothing of this transaction was recorded") from None
+        raise
 
 
 def _begin(conn: sqlite3.Connection) -> None:
