@@ -14,13 +14,10 @@ import sys
 from argparse import Namespace
 from pathlib import Path
 
-import anyio
-
 from task_pipeline import queries, state
 from task_pipeline.errors import UsageError
 from task_pipeline.manifest import Manifest, load_manifest
-from task_pipeline.report import Output, RunReporter, failures_table, fmt_rate, table
-from task_pipeline.scheduler import Db, EngineOptions, Summary, run_engine
+from task_pipeline.report import Output, RunReporter, Summary, failures_table, fmt_rate, table
 from task_pipeline.store import Store
 
 EXIT_OK, EXIT_FAILED = 0, 1
@@ -29,7 +26,21 @@ EXIT_OK, EXIT_FAILED = 0, 1
 def dispatch(a: Namespace) -> int:
     out = Output(verbose=a.verbose, quiet=a.quiet, log_format=a.log_format)
     handler = HANDLERS[a.command]
-    return handler(a, out) or EXIT_OK
+    try:
+        return handler(a, out) or EXIT_OK
+    except BaseExceptionGroup as eg:
+        # anyio task groups wrap what a task raised; one error is reported as itself (one line, its exit code)
+        leaves = _leaves(eg)
+        if len(leaves) == 1:
+            raise leaves[0] from eg
+        raise
+
+
+def _leaves(eg: BaseExceptionGroup) -> list[BaseException]:
+    out: list[BaseException] = []
+    for e in eg.exceptions:
+        out += _leaves(e) if isinstance(e, BaseExceptionGroup) else [e]
+    return out
 
 
 # -- helpers -----------------------------------------------------------------
@@ -91,6 +102,14 @@ def cmd_run(a: Namespace, out: Output) -> int:
     state.seed_start(conn, seeds, a.runset)
     report_tainted(state.tainted(conn), a, out)
 
+    ol = state.outlook(conn, steps)
+    if ol.runnable == 0 and ol.next_due is None and ol.running == 0:
+        # Nothing to do: skip starting the engine (the common case of a re-run, kept fast).
+        return finish_run(conn, store, Summary(), a, out, steps, manifest)
+    import anyio
+
+    from task_pipeline.scheduler import Db, EngineOptions
+
     pending = {name: c["pending"] + c["running"] for name, c in state.counts(conn).items()}
     parallel = a.parallel or os.cpu_count() or 1
     opts = EngineOptions(parallel=parallel, steps=steps, fail_fast=a.fail_fast, grace=a.grace)
@@ -99,8 +118,12 @@ def cmd_run(a: Namespace, out: Output) -> int:
     return finish_run(conn, store, summary, a, out, steps, manifest)
 
 
-async def _engine_with_signals(db: Db, store: Store, opts: EngineOptions, reporter) -> Summary:
+async def _engine_with_signals(db, store: Store, opts, reporter) -> Summary:
     """Run the engine; the first SIGINT/SIGTERM drains (running scripts get --grace seconds), a second kills."""
+    import anyio
+
+    from task_pipeline.scheduler import run_engine
+
     stop = anyio.Event()
     async with anyio.create_task_group() as tg:
         async def watch() -> None:
