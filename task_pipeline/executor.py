@@ -197,6 +197,12 @@ def _run(job: Job, procs: ProcessTable, slot: Path, res: Result) -> None:
 
     res.exit_code = rc
     res.stderr_tail = _tail(stderr_path) if stderr_size else ""
+    free = _free_space(out_dir)
+    if free is not None and not timed_out:
+        # The script ran out of space (a failed write, or a truncated output if it ignored the error):
+        # not its fault and not trustworthy either way. The task goes back to the queue and the run stops.
+        raise StoreWriteError(f"cannot run {step.name}#{c.task_id}: the disk holding {job.store.tmp} is full "
+                              f"({free}); free some space and run again")
     if timed_out:
         res.error = f"timed out after {step.policy.timeout:g}s"
     elif procs.stopping and rc != 0:
@@ -214,6 +220,21 @@ def _run(job: Job, procs: ProcessTable, slot: Path, res: Result) -> None:
             res.ok = True
     res.stdout = _store_log(job.store, stdout_path)
     res.stderr = _store_log(job.store, stderr_path)
+
+
+DISK_FULL_BELOW = 256 * 1024  # bytes free on the store's filesystem after an attempt that count as "full"
+
+
+def _free_space(path: Path) -> str | None:
+    """None if there is room; otherwise what is left, for the message."""
+    try:
+        st = os.statvfs(path)
+    except OSError:
+        return None
+    if st.f_files > 0 and st.f_favail == 0:
+        return "no inodes left"
+    free = st.f_bavail * st.f_frsize
+    return f"{free} bytes free" if free < DISK_FULL_BELOW else None
 
 
 def collect_outputs(out_dir: Path, store: Store) -> tuple[list[tuple[str, str, int]], str | None]:
