@@ -15,7 +15,7 @@ from argparse import Namespace
 from pathlib import Path
 
 from task_pipeline import queries, state
-from task_pipeline.errors import UsageError
+from task_pipeline.errors import ManifestError, UsageError
 from task_pipeline.manifest import Manifest, load_manifest
 from task_pipeline.report import Output, RunReporter, Summary, failures_table, fmt_rate, table
 from task_pipeline.store import Store
@@ -49,7 +49,11 @@ def _leaves(eg: BaseExceptionGroup) -> list[BaseException]:
 def need_manifest(a: Namespace) -> Manifest:
     if not a.manifest:
         raise UsageError(f"'{a.command}' needs a manifest: add -manifest PATH")
-    return load_manifest(a.manifest)
+    m = load_manifest(a.manifest)
+    if not m.workdir.is_dir():
+        raise ManifestError(f"the workdir {m.workdir} is not a directory; create it or fix [pipeline] workdir",
+                            file=m.path, key="pipeline.workdir")
+    return m
 
 
 def open_store(a: Namespace, *, create: bool = False):

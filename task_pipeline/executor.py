@@ -174,7 +174,8 @@ def _run(job: Job, procs: ProcessTable, slot: Path, res: Result) -> None:
                 stdout=so, stderr=se, start_new_session=True,
             )
         except OSError as e:
-            res.error = f"cannot start '{step.shell}': {e.strerror}"
+            missing = job.workdir if not os.path.isdir(job.workdir) else step.shell
+            res.error = f"cannot start '{step.shell}' in {job.workdir}: {missing}: {e.strerror}"
             res.exit_code = 127
             return
         procs.add(proc)

@@ -46,6 +46,8 @@ from task_pipeline.store import Store
 HEARTBEAT_FRESH = 90.0  # seconds: a runner on another host counts as active while its heartbeat is this recent
 FOREIGN_SCRATCH_AGE = 3600.0  # with a runner active on another host, only older scratch is swept
 CLOCK_SLACK = 2.0  # seconds of tolerance when comparing times taken by different clocks (ctime, /proc, time())
+GC_SLACK = 1.0  # gc keeps objects whose inode changed less than this before the cutoff (coarse file timestamps)
+FOREIGN_CLOCK_SKEW = 300.0  # gc's allowance for another host's clock, for runners elsewhere
 HEX = frozenset("0123456789abcdef")
 
 
@@ -597,7 +599,8 @@ def cmd_gc(a: Namespace, out) -> int:
         who = ", ".join(f"{r.kind} {r.host}:{r.pid} (heartbeat {max(started - r.heartbeat, 0):.0f}s ago)" for r in active)
         raise UsageError(f"gc: {len(active)} runner(s) active on this store: {who}; wait for them to finish, "
                          f"or pass --force (what they stored since they started is kept)")
-    cutoff = min([started] + [r.started_at for r in active]) - CLOCK_SLACK
+    host = socket.gethostname()
+    cutoff = min([started] + [r.started_at - (0 if r.host == host else FOREIGN_CLOCK_SKEW) for r in active]) - GC_SLACK
     rep = gc(conn, store, cutoff=cutoff, out=out, prune_dirs=not active)
     if a.json:
         print_json({"objects_removed": rep.removed, "bytes_freed": rep.bytes + rep.scratch.bytes,

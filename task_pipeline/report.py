@@ -14,14 +14,44 @@ import sys
 import time
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Iterable
-
-from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-from rich.table import Table
-from rich import box
+from functools import cached_property
+from typing import TYPE_CHECKING, Iterable
 
 from task_pipeline.state import Claimed, CommitReport, Result
+
+if TYPE_CHECKING:
+    from rich.console import Console
+    from rich.table import Table
+
+# rich is imported where it is used: a no-op `run` or a `cat` should not pay for it.
+
+@dataclass
+class Summary:
+    done: Counter = field(default_factory=Counter)
+    failed: list[Result] = field(default_factory=list)
+    retried: int = 0
+    stale: int = 0
+    requeued: int = 0
+    created: Counter = field(default_factory=Counter)
+    unrouted: Counter = field(default_factory=Counter)
+    store_error: str | None = None
+    started: float = field(default_factory=time.monotonic)
+    elapsed: float = 0.0
+
+    @property
+    def ran(self) -> int:
+        return sum(self.done.values()) + len(self.failed) + self.retried
+
+    def absorb(self, rep: CommitReport) -> None:
+        for r in rep.done:
+            self.done[r.step] += 1
+        self.failed += rep.failed
+        self.retried += len(rep.retrying)
+        self.stale += len(rep.stale)
+        self.requeued += len(rep.requeued)
+        self.created.update(rep.created)
+        self.unrouted.update(rep.unrouted)
+
 
 LEVELS = {"debug": 10, "info": 20, "warning": 30, "error": 40}
 
@@ -33,12 +63,26 @@ class Output:
     verbose: bool = False
     quiet: bool = False
     log_format: str = "auto"   # auto | plain | json
-    out: Console = field(default_factory=lambda: Console(highlight=False, soft_wrap=True))
-    err: Console = field(default_factory=lambda: Console(stderr=True, highlight=False, soft_wrap=True))
+
+    @cached_property
+    def out(self) -> "Console":
+        from rich.console import Console
+
+        return Console(highlight=False, soft_wrap=True)
+
+    @cached_property
+    def err(self) -> "Console":
+        from rich.console import Console
+
+        return Console(stderr=True, highlight=False, soft_wrap=True)
+
+    @cached_property
+    def tty(self) -> bool:
+        return sys.stderr.isatty()
 
     @property
     def live(self) -> bool:
-        return self.log_format == "auto" and self.err.is_terminal and not self.quiet
+        return self.log_format == "auto" and self.tty and not self.quiet
 
     def log(self, level: str, text: str, **fields) -> None:
         if self.quiet and LEVELS[level] < LEVELS["error"]:
@@ -49,7 +93,7 @@ class Output:
             sys.stderr.write(json.dumps({"ts": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "level": level,
                                          "msg": text, **fields}) + "\n")
             sys.stderr.flush()
-        elif self.log_format == "plain" or not self.err.is_terminal:
+        elif self.log_format == "plain" or not self.tty:
             sys.stderr.write(f"{time.strftime('%Y-%m-%dT%H:%M:%S')} {level.upper():7} {text}\n")
             sys.stderr.flush()
         else:
@@ -73,11 +117,13 @@ class RunReporter:
         self.failed: Counter = Counter()
         self.running: Counter = Counter()
         self._last_plain = time.monotonic()
-        self._progress: Progress | None = None
+        self._progress = None
         self._rows: dict[str, int] = {}
 
     def __enter__(self) -> "RunReporter":
         if self.o.live:
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
             self._progress = Progress(
                 TextColumn("{task.description:<16}"), BarColumn(), MofNCompleteColumn(),
                 TextColumn("{task.fields[running]:>3} running  {task.fields[failed]:>3} failed"),
@@ -151,7 +197,10 @@ class RunReporter:
         self.o.log(level, text)
 
 
-def table(title: str | None, columns: list[str], rows: list[list], right: Iterable[str] = ()) -> Table:
+def table(title: str | None, columns: list[str], rows: list[list], right: Iterable[str] = ()) -> "Table":
+    from rich import box
+    from rich.table import Table
+
     t = Table(title=title, box=box.SIMPLE_HEAD, title_justify="left", show_edge=False, pad_edge=False)
     right = set(right)
     for c in columns:
@@ -161,7 +210,7 @@ def table(title: str | None, columns: list[str], rows: list[list], right: Iterab
     return t
 
 
-def failures_table(failed: list[dict]) -> Table:
+def failures_table(failed: list[dict]) -> "Table":
     return table("Failed tasks", ["step", "task", "input", "exit", "last stderr line"],
                  [[f["step"], f["task"], f["input"] or "(start)", f["exit"], f["stderr"] or f["error"] or ""]
                   for f in failed], right=["task", "exit"])

@@ -25,6 +25,7 @@ import anyio.to_thread
 from task_pipeline import housekeeping, state
 from task_pipeline.errors import StoreError
 from task_pipeline.executor import KILL_GRACE, Job, ProcessTable, Slots, execute
+from task_pipeline.report import Summary
 from task_pipeline.state import Claimed, CommitReport, Result
 from task_pipeline.store import Store
 
@@ -56,38 +57,6 @@ class EngineOptions:
     poll: float = 0.25                     # serve: how often to look for work made by other processes
     grace: float = 30.0                    # on stop: how long running scripts may take to finish
     kind: str = "run"
-
-
-@dataclass
-class Summary:
-    done: Counter = field(default_factory=Counter)
-    failed: list[Result] = field(default_factory=list)
-    retried: int = 0
-    stale: int = 0
-    requeued: int = 0
-    created: Counter = field(default_factory=Counter)
-    unrouted: Counter = field(default_factory=Counter)
-    store_error: str | None = None
-    started: float = field(default_factory=time.monotonic)
-    elapsed: float = 0.0
-
-    @property
-    def ran(self) -> int:
-        return sum(self.done.values()) + len(self.failed) + self.retried
-
-    def absorb(self, rep: CommitReport) -> None:
-        for r in rep.done:
-            self.done[r.step] += 1
-        self.failed += rep.failed
-        self.retried += len(rep.retrying)
-        self.stale += len(rep.stale)
-        self.requeued += len(rep.requeued)
-        self.created.update(rep.created)
-        self.unrouted.update(rep.unrouted)
-
-
-class _Stop(Exception):
-    pass
 
 
 async def run_engine(db: Db, store: Store, opts: EngineOptions, reporter: Reporter,

@@ -199,7 +199,8 @@ def load_pipeline(conn: sqlite3.Connection) -> Pipeline:
             env=json.loads(r["env"]), consumes=tuple(json.loads(r["consumes"])), is_start=bool(r["is_start"]),
             in_manifest=bool(r["in_manifest"]), policy=Policy(**json.loads(r["policy"])),
         )
-    router = Router.build((s.name, s.consumes) for s in steps.values() if s.in_manifest)
+    # start steps take no inputs: a file named after one (fetch_1) is unrouted, not a task of it
+    router = Router.build((s.name, s.consumes) for s in steps.values() if s.in_manifest and not s.is_start)
     wd = meta(conn, "workdir")
     return Pipeline(steps=steps, router=router, workdir=Path(wd) if wd else None)
 
