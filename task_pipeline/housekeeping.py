@@ -529,7 +529,7 @@ class GcReport:
 
 
 def gc(conn: sqlite3.Connection, store: Store, *, cutoff: float, out=None, prune_dirs: bool = True) -> GcReport:
-    """Remove unreferenced objects whose inode is older than `cutoff`, then their rows, then leftover scratch."""
+    """Remove leftover scratch, then unreferenced objects whose inode changed before `cutoff`, then their rows."""
     rep = GcReport()
     rep.scratch = reap_dead_scratch(conn, store)
     refs = referenced(conn)
