@@ -270,7 +270,8 @@ def test_a_killed_runners_tasks_are_taken_over_at_once(cli, tmp_path):
         if p is not victim:
             assert p.wait(timeout=60) == 0, p.stderr.read().decode()
         p.stderr.close()
-    assert time.monotonic() - t0 < 20, "the dead runner's tasks waited for their lease"
+    # the survivors have about 3 s of work left; the heartbeat (every 10 s) must not be what finds the dead runner
+    assert time.monotonic() - t0 < 8, "the dead runner's tasks waited for the heartbeat or their lease"
     assert query(cli.db, "SELECT count(*) FROM attempt WHERE outcome = 'lost'")[0][0] >= 1
     assert query(cli.db, "SELECT state, count(*) FROM task GROUP BY state") == [("done", 1 + 12 * 3)]
     assert scripts_still_running(cli.db) == []
@@ -383,6 +384,6 @@ def test_an_expired_lease_of_a_runner_elsewhere_is_taken_over(cli, tmp_path):
     r = cli.run(m)
     took = time.monotonic() - t0
     assert r.returncode == 0, r.err
-    assert 2.0 < took < 10, took  # not before the lease expired, and not much after
+    assert 2.0 < took < 7, took  # not before the lease expired, and not much after (not at the 10 s heartbeat)
     assert query(cli.db, "SELECT outcome FROM attempt a JOIN task t ON t.id=a.task_id WHERE t.input_name='work_1'") \
         == [("lost",), ("ok",)]

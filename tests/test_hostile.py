@@ -323,3 +323,37 @@ def test_disk_full_while_the_script_writes_its_output(cli, small_disk, tmp_path)
 def test_disk_full_while_storing_an_output(cli, small_disk, tmp_path):
     # plenty of bytes, but no inode left for the store's shard directories
     _disk_full_then_recover(cli, small_disk, tmp_path, leave=8_000_000, squeeze=True, expect="cannot store output")
+
+
+def test_a_full_disk_under_the_database_is_a_store_error(cli, small_disk):
+    """A COMMIT that fails for lack of space is rolled back and reported as a StoreError (exit 3)."""
+    from task_pipeline import state
+    from task_pipeline.errors import StoreError
+
+    conn = state.connect(small_disk, create=True)
+    filler = fill(small_disk, 0)
+    with pytest.raises(StoreError, match="cannot write the database"):
+        with state.transaction(conn):
+            conn.execute("INSERT INTO meta(key, value) VALUES ('big', ?)", ("x" * 400_000,))
+    assert not conn.in_transaction
+    filler.unlink()
+    with state.transaction(conn):
+        conn.execute("INSERT INTO meta(key, value) VALUES ('small', 'ok')")
+    assert conn.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+    assert state.meta(conn, "big") is None and state.meta(conn, "small") == "ok"
+
+
+def test_an_error_inside_the_engine_is_one_line(cli, monkeypatch, capsys):
+    """anyio wraps what a task raises in an exception group; the CLI still prints one line and exit 3."""
+    from task_pipeline import cli as cli_module, commands
+    from task_pipeline.errors import StoreError
+
+    _make_store(cli)
+
+    def boom(a, out):
+        raise ExceptionGroup("unhandled errors in a TaskGroup", [StoreError("cannot write the database: full")])
+
+    monkeypatch.setitem(commands.HANDLERS, "status", boom)
+    assert cli_module.main(["-db", str(cli.db), "status"]) == 3
+    err = capsys.readouterr().err
+    assert err.strip() == "task-pipeline: cannot write the database: full"
