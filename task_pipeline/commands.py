@@ -106,6 +106,9 @@ def cmd_run(a: Namespace, out: Output) -> int:
     state.seed_start(conn, seeds, a.runset)
     report_tainted(state.tainted(conn), a, out)
 
+    from task_pipeline.housekeeping import reap_dead_scratch
+
+    reap_dead_scratch(conn, store)  # dead runners' scratch goes even when there is nothing to run (cheap: one scandir)
     ol = state.outlook(conn, steps)
     if ol.runnable == 0 and ol.next_due is None and ol.running == 0:
         # Nothing to do: skip starting the engine (the common case of a re-run, kept fast).
