@@ -325,12 +325,14 @@ def cmd_logs(a: Namespace, out: Output) -> int:
     if a.json:
         print_json(info)
         return EXIT_OK
-    out.print(f"task {info['task']}: {info['step']} v{info['version']} on {info['input'] or '(start)'}, {info['state']}"
-              + ("" if info["live"] else " (superseded)"))
+    from rich.markup import escape  # names and errors come from scripts: "[x]" is text, not markup
+
+    out.print(escape(f"task {info['task']}: {info['step']} v{info['version']} on {info['input'] or '(start)'}, "
+                     f"{info['state']}" + ("" if info["live"] else " (superseded)")))
     for at in info["attempts"]:
         dur = (at["finished_at"] - at["started_at"]) if at["started_at"] and at["finished_at"] else None
-        out.print(f"-- attempt {at['attempt']}: {at['outcome']}, exit {at['exit_code']}"
-                  + (f", {dur:.2f}s" if dur is not None else "") + (f": {at['error']}" if at["error"] else ""))
+        out.print(escape(f"-- attempt {at['attempt']}: {at['outcome']}, exit {at['exit_code']}"
+                         + (f", {dur:.2f}s" if dur is not None else "") + (f": {at['error']}" if at["error"] else "")))
         for label in ("stdout", "stderr"):
             h = at[f"{label}_hash"]
             if h and store.has(h):
