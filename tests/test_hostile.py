@@ -51,7 +51,7 @@ def test_hostile_outputs_fail_the_task_naming_the_file(cli, tmp_path):
         "socket": 'python3 -c "import socket,sys; socket.socket(socket.AF_UNIX).bind(sys.argv[1])" "$OUTPUT_DIR/done_sock"',
         "notutf8": 'echo x > "$OUTPUT_DIR/$(printf "done_bad\\377name")"',
         "dotfile": 'echo x > "$OUTPUT_DIR/.done_hidden"',
-        "brackets": f'ln -s {secret} "$OUTPUT_DIR/done_[bold]x[/bold]"',  # not markup for anyone
+        "brackets": f'ln -s {secret} "$OUTPUT_DIR/done_[bold]x[red]"',  # not markup for anyone
     }
     steps = "".join(f"""
         [[step]]
@@ -76,14 +76,14 @@ def test_hostile_outputs_fail_the_task_naming_the_file(cli, tmp_path):
         "socket": ("'done_sock'", "not a regular file"),
         "notutf8": ("done_bad\\xffname", "not UTF-8"),
         "dotfile": ("'.done_hidden'", "starts with '.'"),
-        "brackets": ("'done_[bold]x[/bold]'", "symlink"),
+        "brackets": ("'done_[bold]x[red]'", "symlink"),
     }
     assert set(errors) == set(expect)
     for step, (name, what) in expect.items():
         assert name in errors[step] and what in errors[step], (step, errors[step])
         assert name in r.err, f"the run's report should name {name}"
     brackets = query(cli.db, "SELECT t.id FROM task t JOIN step s ON s.id=t.step_id WHERE s.name='brackets'")[0][0]
-    assert "'done_[bold]x[/bold]' is a symlink" in cli.ok("-db", cli.db, "logs", str(brackets)).out
+    assert "'done_[bold]x[red]' is a symlink" in cli.ok("-db", cli.db, "logs", str(brackets)).out
     # nothing was committed for them, not even their good files, and nothing outside was read
     assert query(cli.db, "SELECT count(*) FROM output") == [(0,)]
     assert hashlib.sha256(secret.read_bytes()).hexdigest() not in all_objects(cli.db)
