@@ -84,9 +84,11 @@ def _migrate(conn: sqlite3.Connection, hash_algo: str) -> None:
     if version == SCHEMA_VERSION:
         return
     with transaction(conn):
-        # re-read inside the write lock: another process may have migrated meanwhile
-        if have_meta:
+        # re-read inside the write lock: another process may have created or migrated the store meanwhile
+        if conn.execute("SELECT 1 FROM sqlite_master WHERE type='table' AND name='meta'").fetchone():
             version = int(conn.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()[0])
+            if version > SCHEMA_VERSION:
+                raise StoreError(f"this store was written by a newer task-pipeline (schema {version}, this one knows {SCHEMA_VERSION}); upgrade task-pipeline")
         for i in range(version, SCHEMA_VERSION):
             for stmt in MIGRATIONS[i].split(";"):
                 if stmt.strip():
