@@ -46,11 +46,12 @@ def _leaves(eg: BaseExceptionGroup) -> list[BaseException]:
 # -- helpers -----------------------------------------------------------------
 
 
-def need_manifest(a: Namespace) -> Manifest:
+def need_manifest(a: Namespace, *, runs: bool = True) -> Manifest:
+    """The manifest named by -manifest; for commands that run scripts, its workdir must exist."""
     if not a.manifest:
         raise UsageError(f"'{a.command}' needs a manifest: add -manifest PATH")
     m = load_manifest(a.manifest)
-    if not m.workdir.is_dir():
+    if runs and not m.workdir.is_dir():
         raise ManifestError(f"the workdir {m.workdir} is not a directory; create it or fix [pipeline] workdir",
                             file=m.path, key="pipeline.workdir")
     return m
@@ -349,7 +350,9 @@ def cmd_logs(a: Namespace, out: Output) -> int:
 
 
 def cmd_validate(a: Namespace, out: Output) -> int:
-    m = need_manifest(a)
+    m = need_manifest(a, runs=False)
+    if not m.workdir.is_dir():
+        out.log("warning", f"{m.path}: the workdir {m.workdir} does not exist here; create it before running")
     starts = ", ".join(s.name for s in m.start_steps) or "none (fed by submit)"
     out.print(f"{m.path}: {len(m.steps)} step(s) valid; start: {starts}")
     return EXIT_OK

@@ -93,14 +93,10 @@ class Slots:
         return slot
 
     def release(self, slot: Path) -> None:
+        # The log files need no removal: the next attempt truncates them.
         try:
             for sub in ("in", "out", "tmp"):
                 _empty_dir(slot / sub)
-            for log in ("stdout", "stderr"):
-                try:
-                    os.unlink(slot / log)
-                except FileNotFoundError:
-                    pass
         except OSError:
             shutil.rmtree(slot, onerror=_force_remove)
             return
@@ -167,7 +163,9 @@ def _run(job: Job, procs: ProcessTable, slot: Path, res: Result) -> None:
     env.update(step.env)
     stdout_path, stderr_path = slot / "stdout", slot / "stderr"
     timed_out = False
-    with open(stdout_path, "wb") as so, open(stderr_path, "wb") as se:
+    flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC
+    so, se = os.open(stdout_path, flags, 0o644), os.open(stderr_path, flags, 0o644)
+    try:
         try:
             proc = subprocess.Popen(
                 [step.shell, "-c", step.script], cwd=job.workdir, env=env, stdin=subprocess.DEVNULL,
@@ -194,7 +192,10 @@ def _run(job: Job, procs: ProcessTable, slot: Path, res: Result) -> None:
             # Background children must not outlive the attempt (or write into OUTPUT_DIR while we read it).
             _killpg(proc.pid, signal.SIGKILL)
             procs.remove(proc)
-        stderr_size = os.fstat(se.fileno()).st_size
+        stderr_size = os.fstat(se).st_size
+    finally:
+        os.close(so)
+        os.close(se)
 
     res.exit_code = rc
     res.stderr_tail = _tail(stderr_path) if stderr_size else ""

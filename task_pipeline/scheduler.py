@@ -30,6 +30,12 @@ from task_pipeline.state import Claimed, CommitReport, Result
 from task_pipeline.store import Store
 
 
+MAX_WAITING = 4096     # finished results awaiting their commit before claiming pauses (bounds memory)
+LOOKAHEAD = 16         # tasks leased beyond the running ones, so that a finishing worker finds the next
+MAX_BATCH = 512        # results per commit transaction
+COMMIT_WINDOW = 0.02   # seconds a commit waits for more results while workers are busy
+
+
 class Db:
     """The store's one SQLite connection, used from one thread at a time."""
 
@@ -78,7 +84,8 @@ async def run_engine(db: Db, store: Store, opts: EngineOptions, reporter: Report
     step_limits: dict[str, tuple[int, anyio.CapacityLimiter]] = {}
     send, recv = anyio.create_memory_object_stream[Result](math.inf)
     summary = Summary()
-    inflight: Counter = Counter()
+    running: Counter = Counter()   # claimed and not finished executing, per step: what fills worker slots
+    waiting = [0]                  # finished, not yet committed
     flags = {"stopping": False, "claimed_any": False, "reclaimed": time.monotonic()}
     wake = [anyio.Event()]
 
@@ -103,13 +110,22 @@ async def run_engine(db: Db, store: Store, opts: EngineOptions, reporter: Report
             else:
                 reporter.task_started(c)
                 res = await anyio.to_thread.run_sync(execute, job, procs, slots, limiter=workers)
+        # The slot is free now, not when the commit lands: claiming must not wait on the disk flush.
+        running[c.step.name] -= 1
+        waiting[0] += 1
         await send.send(res)
+        poke()
 
     async def committer() -> None:
         async with recv:
             async for first in recv:
                 batch = [first]
-                while True:
+                # Group commit: gather what finishes within a short window (or until the workers
+                # go idle), so that one flush and one transaction serve many tasks.
+                with anyio.move_on_after(COMMIT_WINDOW):
+                    while len(batch) < MAX_BATCH and sum(running.values()) > 0:
+                        batch.append(await recv.receive())
+                while len(batch) < MAX_BATCH:
                     try:
                         batch.append(recv.receive_nowait())
                     except anyio.WouldBlock:
@@ -123,8 +139,8 @@ async def run_engine(db: Db, store: Store, opts: EngineOptions, reporter: Report
                     summary.store_error = str(e)
                     flags["stopping"] = True
                     rep = CommitReport(requeued=batch)
+                waiting[0] -= len(batch)
                 for r in batch:
-                    inflight[r.step] -= 1
                     if r.interrupted and r.error and r.error.startswith("cannot"):
                         summary.store_error = summary.store_error or r.error
                         flags["stopping"] = True
@@ -148,9 +164,9 @@ async def run_engine(db: Db, store: Store, opts: EngineOptions, reporter: Report
         poke()
         began = time.monotonic()
         # opts.grace is read on every turn: a second signal sets it to 0 to stop at once
-        while sum(inflight.values()) > 0 and time.monotonic() - began < opts.grace:
+        while sum(running.values()) > 0 and time.monotonic() - began < opts.grace:
             await anyio.sleep(0.05)
-        if sum(inflight.values()) > 0:
+        if sum(running.values()) > 0:
             n = procs.signal_all(signal.SIGTERM)
             reporter.log("warning", f"grace period over: stopping {n} running script(s); their tasks go back to the queue")
             await anyio.sleep(KILL_GRACE)
@@ -164,13 +180,18 @@ async def run_engine(db: Db, store: Store, opts: EngineOptions, reporter: Report
             if stop is not None:
                 tg.start_soon(drain_on_stop)
             while True:
-                total = sum(inflight.values())
+                total = sum(running.values()) + waiting[0]
                 if not flags["stopping"]:
-                    room = opts.parallel * 2 - total
-                    caps = partial(_caps, opts=opts, inflight=inflight)
+                    # Lease enough to keep every worker busy plus a batch ahead, and only once a good
+                    # part of that batch is used up, so that one claim transaction serves many tasks.
+                    lookahead = max(opts.parallel, LOOKAHEAD)
+                    room = opts.parallel + lookahead - sum(running.values())
+                    if waiting[0] >= MAX_WAITING or (room < lookahead // 2 and sum(running.values()) >= opts.parallel):
+                        room = 0
+                    caps = partial(_caps, opts=opts, running=running)
                     claimed = await db(state.claim, owner, caps, room, opts.lease) if room > 0 else []
                     for c in claimed:
-                        inflight[c.step.name] += 1
+                        running[c.step.name] += 1
                         tg.start_soon(worker, c)
                     total += len(claimed)
                 timeout: float | None = None  # None: until poked (a worker or commit finished) or new work appears
@@ -229,15 +250,15 @@ def _sync(store: Store) -> None:
         raise StoreError(f"cannot flush the store to disk: {e.strerror}") from None
 
 
-def _caps(pipe: state.Pipeline, *, opts: EngineOptions, inflight: Counter) -> dict[str, int]:
-    """How many more tasks each step may lease now: its limit plus as many again waiting, so that a
-    finishing worker finds the next task ready. Downstream steps come first, so that items flow to
+def _caps(pipe: state.Pipeline, *, opts: EngineOptions, running: Counter) -> dict[str, int]:
+    """How many more tasks each step may lease now: its limit plus a look-ahead batch waiting, so that
+    a finishing worker finds the next task ready. Downstream steps come first, so that items flow to
     the end rather than piling up at the start."""
     caps: dict[str, int] = {}
     for step in reversed(pipe.active):
         if opts.steps is not None and step.name not in opts.steps:
             continue
-        n = min(step.policy.parallel or opts.parallel, opts.parallel) * 2 - inflight[step.name]
+        n = min(step.policy.parallel or opts.parallel, opts.parallel) + max(opts.parallel, LOOKAHEAD) - running[step.name]
         if n > 0:
             caps[step.name] = n
     return caps

@@ -188,7 +188,22 @@ class Pipeline:
         return s
 
 
+_pipelines: dict[int, tuple[sqlite3.Connection, str | None, Pipeline]] = {}
+
+
 def load_pipeline(conn: sqlite3.Connection) -> Pipeline:
+    """The registered pipeline. Every claim and commit needs it, so it is cached per connection
+    and rebuilt only when `register` has bumped the generation (from any process)."""
+    gen = meta(conn, "generation")
+    hit = _pipelines.get(id(conn))
+    if hit is not None and hit[0] is conn and hit[1] == gen and gen is not None:
+        return hit[2]
+    pipe = _load_pipeline(conn)
+    _pipelines[id(conn)] = (conn, gen, pipe)
+    return pipe
+
+
+def _load_pipeline(conn: sqlite3.Connection) -> Pipeline:
     rows = conn.execute(
         """SELECT c.name, c.step_id, s.version, s.script, s.shell, s.env, c.consumes, c.policy,
                   c.is_start, c.in_manifest
@@ -264,6 +279,7 @@ def register(conn: sqlite3.Connection, manifest: Manifest, now: float | None = N
         gone = set(prev) - set(manifest.names)
         conn.executemany("UPDATE step_current SET in_manifest=0 WHERE name=?", [(n,) for n in gone])
         set_meta(conn, "workdir", str(manifest.workdir))
+        set_meta(conn, "generation", os.urandom(8).hex())
         set_meta(conn, "manifest", str(Path(manifest.path).resolve()))
 
         pipe = load_pipeline(conn)
