@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import sys
+import threading
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -118,6 +119,7 @@ class RunReporter:
         self.running: Counter = Counter()
         self._last_plain = time.monotonic()
         self._progress = None
+        self._lock = threading.Lock()
         self._rows: dict[str, int] = {}
 
     def __enter__(self) -> "RunReporter":
@@ -161,7 +163,9 @@ class RunReporter:
             self._refresh(name)
 
     def task_started(self, c: Claimed) -> None:
-        self.running[c.step.name] += 1
+        # called from worker threads
+        with self._lock:
+            self.running[c.step.name] += 1
         if self.o.verbose and not self.o.live:
             self.o.log("debug", f"[{c.step.name}#{c.task_id}] start {c.input_name or '(start)'} attempt {c.attempt}")
         self._refresh(c.step.name)
@@ -170,9 +174,10 @@ class RunReporter:
         for name, n in rep.created.items():
             self.total[name] += n
         touched = set(rep.created)
-        for r in rep.done + rep.failed + rep.retrying + rep.stale + rep.requeued:
-            self.running[r.step] -= 1
-            touched.add(r.step)
+        with self._lock:
+            for r in rep.done + rep.failed + rep.retrying + rep.stale + rep.requeued:
+                self.running[r.step] -= 1
+                touched.add(r.step)
         for r in rep.done:
             self.finished[r.step] += 1
             if self.o.verbose and not self.o.live:

@@ -1,11 +1,13 @@
 """Scheduler: the async engine that `run` and `serve` share.
 
-One loop leases tasks in batches, a dispatcher starts them while a worker is
-free and their step is under its `parallel` limit, each runs on a worker thread
-(`executor.execute`), and one committer records finished attempts in batches
-(`state.commit`) after one flush of the store. Concurrency is anyio's: one task
-group, a CapacityLimiter of `-parallel` threads, memory streams and events.
-The database is reached only through `Db`, one call at a time on a thread.
+The event loop leases tasks in batches and commits results in batches; in
+between, `-parallel` worker threads take leased tasks from a shared `Board`
+(respecting each step's `parallel` limit), run them (`executor.execute`) and
+post the results, without a trip through the event loop per task. The
+committer flushes the store once per batch, then records the batch in one
+transaction (`state.commit`). The database is reached only through `Db`, one
+call at a time on a thread. Structured concurrency is anyio's: one task group
+holds the leasing loop, the committer, the heartbeat, the drain and the workers.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import gc
 import math
 import os
 import signal
+import threading
 import time
 from collections import Counter, deque
 from dataclasses import dataclass, field
@@ -22,6 +25,7 @@ from pathlib import Path
 from typing import Callable, Protocol
 
 import anyio
+import anyio.from_thread
 import anyio.to_thread
 
 from task_pipeline import housekeeping, state
@@ -67,6 +71,79 @@ class EngineOptions:
     kind: str = "run"
 
 
+class Board:
+    """Leased tasks and finished results, shared by the worker threads and the event loop.
+
+    Workers are threads that loop here: take the next task whose step is under its
+    `parallel` limit, run it, post the result, take the next. Keeping that loop off the
+    event loop matters for tiny tasks: a trip through asyncio and anyio per task (a thread
+    hand-off, limiters, cancel scopes) cost more CPU than the rest of the engine. The event
+    loop only hears about it when it has something to do: leasing more (the queue ran low)
+    or committing (the first result of a batch).
+    """
+
+    def __init__(self, parallel: int, lookahead: int) -> None:
+        self.parallel, self.lookahead = parallel, lookahead
+        self.cond = threading.Condition()
+        self.queued: dict[str, deque[Claimed]] = {}
+        self.running: Counter = Counter()
+        self.results: list[Result] = []
+        self.closed = False
+
+    def add(self, claimed: list[Claimed]) -> None:
+        with self.cond:
+            for c in claimed:
+                self.queued.setdefault(c.step.name, deque()).append(c)
+            self.cond.notify_all()
+
+    def take(self) -> Claimed | None:
+        """The next task to run (downstream steps first), waiting for one; None once closed."""
+        with self.cond:
+            while not self.closed:
+                for name, q in self.queued.items():
+                    if q and self.running[name] < (q[0].step.policy.parallel or self.parallel):
+                        self.running[name] += 1
+                        return q.popleft()
+                self.cond.wait()
+            return None
+
+    def finish(self, c: Claimed, res: Result) -> bool:
+        """Post a result; True if the event loop should hear of it now."""
+        with self.cond:
+            self.running[c.step.name] -= 1
+            self.results.append(res)
+            self.cond.notify_all()  # a step slot is free: a worker waiting for it may go on
+            return len(self.results) == 1 or self.n_queued <= self.lookahead // 2
+
+    def collect(self) -> list[Result]:
+        with self.cond:
+            out, self.results = self.results, []
+            return out
+
+    def close(self) -> list[Claimed]:
+        """No more tasks are handed out; returns the ones leased but not started."""
+        with self.cond:
+            self.closed = True
+            left = [c for q in self.queued.values() for c in q]
+            self.queued.clear()
+            self.cond.notify_all()
+            return left
+
+    @property
+    def n_queued(self) -> int:
+        return sum(len(q) for q in self.queued.values())
+
+    @property
+    def busy(self) -> int:
+        """Tasks leased, running or with results not yet collected."""
+        with self.cond:
+            return self.n_queued + sum(self.running.values()) + len(self.results)
+
+    def snapshot(self) -> tuple[Counter, dict[str, int]]:
+        with self.cond:
+            return Counter(self.running), {k: len(q) for k, q in self.queued.items()}
+
+
 async def run_engine(db: Db, store: Store, opts: EngineOptions, reporter: Reporter,
                      stop: anyio.Event | None = None, wake_source: Callable[[object], object] | None = None) -> Summary:
     """Process tasks until the pipeline is drained (`until_idle`) or `stop` is set.
@@ -76,10 +153,10 @@ async def run_engine(db: Db, store: Store, opts: EngineOptions, reporter: Report
     that work submitted by other processes is seen quickly without claiming in a loop.
     """
     owner = state.runner_id()
-    # Every task allocates coroutines, frames and results, which sets off the cyclic garbage
-    # collector thousands of times a run, each time walking every object in the heap (a
-    # fifth of the CPU in a profile of tiny tasks). Nothing here makes long-lived cycles:
-    # freeze what exists and collect young objects far less often.
+    # Every task allocates frames and results, which sets off the cyclic garbage collector
+    # thousands of times a run, each time walking every object in the heap (a fifth of the
+    # CPU in a profile of tiny tasks). Nothing here makes long-lived cycles: freeze what
+    # exists and collect young objects far less often.
     gc.freeze()
     gc.set_threshold(50_000, 20, 20)
     await db(state.register_runner, owner, opts.kind)
@@ -88,105 +165,88 @@ async def run_engine(db: Db, store: Store, opts: EngineOptions, reporter: Report
     slots = Slots(store.tmp)
     await anyio.to_thread.run_sync(lambda: store.empty)
     base_env = dict(os.environ)
+    lookahead = max(opts.parallel, LOOKAHEAD)
+    board = Board(opts.parallel, lookahead)
     threads = anyio.CapacityLimiter(opts.parallel)
-    send, recv = anyio.create_memory_object_stream[Result](math.inf)
     summary = Summary()
-    queued: dict[str, deque[Claimed]] = {}  # leased, waiting for a worker, per step
-    running: Counter = Counter()            # executing now, per step
-    waiting = [0]                           # finished, not yet committed
+    committing = [0]   # results collected from the board, being committed
     flags = {"stopping": False, "reclaimed": time.monotonic()}
-    wake = [anyio.Event()]
+    wake = [anyio.Event()]      # the main loop: lease more, or decide we are done
+    results = [anyio.Event()]   # the committer: results are waiting
 
     def poke() -> None:
         wake[0].set()
+        results[0].set()
 
-    def dispatch(tg) -> None:
-        """Start leased tasks while a worker is free and their step is under its `parallel` limit.
-        Doing the bookkeeping here, rather than with a limiter per step that every task would
-        wait on, keeps a task's cost on the event loop to one thread hand-off."""
-        free = opts.parallel - sum(running.values())
-        for name, q in queued.items():
-            if free <= 0:
-                break
-            limit = q[0].step.policy.parallel or opts.parallel if q else 0
-            while q and free > 0 and running[name] < limit:
-                c = q.popleft()
-                running[name] += 1
-                free -= 1
-                tg.start_soon(worker, c)
+    def work() -> None:
+        """A worker thread's life: run tasks until the board closes."""
+        while (c := board.take()) is not None:
+            reporter.task_started(c)
+            res = execute(Job(c, store, Path(c.workdir or Path.cwd()), base_env), procs, slots)
+            if board.finish(c, res):
+                anyio.from_thread.run_sync(poke)
 
-    def give_back() -> None:
+    async def worker() -> None:
+        await anyio.to_thread.run_sync(work, limiter=threads)
+
+    def give_back(claimed: list[Claimed]) -> list[Result]:
         """Stopping: tasks leased but not started go back to the queue (as interrupted attempts)."""
         now = time.time()
-        for q in queued.values():
-            while q:
-                c = q.popleft()
-                waiting[0] += 1
-                send.send_nowait(Result(c.task_id, c.token, c.step.name, c.attempt, c.input_name, ok=False,
-                                        started_at=now, finished_at=now, interrupted=True,
-                                        error="not started: shutting down"))
+        return [Result(c.task_id, c.token, c.step.name, c.attempt, c.input_name, ok=False, started_at=now,
+                       finished_at=now, interrupted=True, error="not started: shutting down") for c in claimed]
 
-    async def worker(c: Claimed) -> None:
-        reporter.task_started(c)
-        job = Job(c, store, Path(c.workdir or Path.cwd()), base_env)
-        res = await anyio.to_thread.run_sync(execute, job, procs, slots, limiter=threads)
-        # The worker is free now, not when the commit lands: claiming must not wait on the disk flush.
-        running[c.step.name] -= 1
-        waiting[0] += 1
-        send.send_nowait(res)
-        poke()
+    async def commit(batch: list[Result]) -> None:
+        committing[0] += len(batch)
+        try:
+            # Objects reach the disk before the rows that refer to them. The flush runs
+            # outside the database thread so that claiming goes on meanwhile.
+            await anyio.to_thread.run_sync(_sync, store)
+            rep = await db(state.commit, batch, owner)
+        except StoreError as e:
+            summary.store_error = str(e)
+            flags["stopping"] = True
+            rep = CommitReport(requeued=batch)
+        finally:
+            committing[0] -= len(batch)
+        for r in batch:
+            if r.interrupted and r.error and r.error.startswith("cannot"):
+                summary.store_error = summary.store_error or r.error
+                flags["stopping"] = True
+        summary.absorb(rep)
+        reporter.committed(rep)
+        if rep.failed and opts.fail_fast:
+            flags["stopping"] = True
+        wake[0].set()
 
     async def committer() -> None:
-        async with recv:
-            async for first in recv:
-                batch = [first]
-                # Group commit: gather what finishes within a short window (or until the workers
-                # go idle), so that one flush and one transaction serve many tasks.
-                with anyio.move_on_after(COMMIT_WINDOW):
-                    while len(batch) < MAX_BATCH and sum(running.values()) > 0:
-                        batch.append(await recv.receive())
-                while len(batch) < MAX_BATCH:
-                    try:
-                        batch.append(recv.receive_nowait())
-                    except anyio.WouldBlock:
-                        break
-                try:
-                    # Objects reach the disk before the rows that refer to them. The flush runs
-                    # outside the database thread so that claiming goes on meanwhile.
-                    await anyio.to_thread.run_sync(_sync, store)
-                    rep = await db(state.commit, batch, owner)
-                except StoreError as e:
-                    summary.store_error = str(e)
-                    flags["stopping"] = True
-                    rep = CommitReport(requeued=batch)
-                waiting[0] -= len(batch)
-                for r in batch:
-                    if r.interrupted and r.error and r.error.startswith("cannot"):
-                        summary.store_error = summary.store_error or r.error
-                        flags["stopping"] = True
-                summary.absorb(rep)
-                reporter.committed(rep)
-                if rep.failed and opts.fail_fast:
-                    flags["stopping"] = True
-                poke()
+        while True:
+            await results[0].wait()
+            results[0] = anyio.Event()
+            # Group commit: let a batch gather while workers are busy, so that one flush and
+            # one transaction serve many tasks.
+            if sum(board.snapshot()[0].values()) > 0:
+                await anyio.sleep(COMMIT_WINDOW)
+            batch = board.collect()
+            if batch:
+                await commit(batch)
 
     async def heartbeat() -> None:
         while True:
             await anyio.sleep(opts.lease / 3)
             await db(state.renew, owner, opts.lease)
             if await reclaim(db, store, exclude=owner):
-                poke()
+                wake[0].set()
 
     async def drain_on_stop() -> None:
         assert stop is not None
         await stop.wait()
         flags["stopping"] = True
-        poke()
+        wake[0].set()
         began = time.monotonic()
         # opts.grace is read on every turn: a second signal sets it to 0 to stop at once
-        while sum(running.values()) > 0 and time.monotonic() - began < opts.grace:
+        while sum(board.snapshot()[0].values()) > 0 and time.monotonic() - began < opts.grace:
             await anyio.sleep(0.05)
-        if sum(running.values()) > 0:
+        if sum(board.snapshot()[0].values()) > 0:
             n = procs.signal_all(signal.SIGTERM)
             reporter.log("warning", f"grace period over: stopping {n} running script(s); their tasks go back to the queue")
             await anyio.sleep(KILL_GRACE)
@@ -199,24 +259,26 @@ async def run_engine(db: Db, store: Store, opts: EngineOptions, reporter: Report
             tg.start_soon(heartbeat)
             if stop is not None:
                 tg.start_soon(drain_on_stop)
+            for _ in range(opts.parallel):
+                tg.start_soon(worker)
             while True:
                 if not flags["stopping"]:
                     # Lease enough to keep every worker busy plus a batch ahead, and only once half of
                     # that batch is used up, so that one claim transaction serves many tasks.
-                    lookahead = max(opts.parallel, LOOKAHEAD)
-                    n_queued = sum(len(q) for q in queued.values())
+                    running, queued = board.snapshot()
+                    n_queued = sum(queued.values())
                     room = opts.parallel + lookahead - sum(running.values()) - n_queued
-                    if waiting[0] >= MAX_WAITING or (n_queued > lookahead // 2):
+                    if committing[0] + len(board.results) >= MAX_WAITING or n_queued > lookahead // 2:
                         room = 0
                     if room > 0:
                         caps = partial(_caps, opts=opts, running=running, queued=queued)
-                        for c in await db(state.claim, owner, caps, room, opts.lease):
-                            queued.setdefault(c.step.name, deque()).append(c)
-                    dispatch(tg)
+                        board.add(await db(state.claim, owner, caps, room, opts.lease))
                 else:
-                    give_back()
-                total = sum(running.values()) + sum(len(q) for q in queued.values()) + waiting[0]
-                timeout: float | None = None  # None: until poked (a worker or commit finished) or new work appears
+                    left = board.close()
+                    if left:
+                        await commit(give_back(left))
+                total = board.busy + committing[0]
+                timeout: float | None = None  # None: until poked (a result, a commit) or new work appears
                 if total == 0:
                     if flags["stopping"]:
                         break
@@ -248,9 +310,10 @@ async def run_engine(db: Db, store: Store, opts: EngineOptions, reporter: Report
                     with anyio.move_on_after(math.inf if timeout is None else timeout):
                         await wake[0].wait()
                 wake[0] = anyio.Event()
-            send.close()
+            board.close()
             tg.cancel_scope.cancel()
     finally:
+        board.close()
         with anyio.CancelScope(shield=True):
             await db(state.unregister_runner, owner)
             await anyio.to_thread.run_sync(slots.close)
@@ -273,7 +336,7 @@ def _sync(store: Store) -> None:
 
 
 def _caps(pipe: state.Pipeline, *, opts: EngineOptions, running: Counter,
-          queued: dict[str, deque]) -> dict[str, int]:
+          queued: dict[str, int]) -> dict[str, int]:
     """How many more tasks each step may lease now: its limit plus a look-ahead batch waiting, so that
     a finishing worker finds the next task ready. Downstream steps come first, so that items flow to
     the end rather than piling up at the start."""
@@ -281,7 +344,7 @@ def _caps(pipe: state.Pipeline, *, opts: EngineOptions, running: Counter,
     for step in reversed(pipe.active):
         if opts.steps is not None and step.name not in opts.steps:
             continue
-        have = running[step.name] + len(queued.get(step.name, ()))
+        have = running[step.name] + queued.get(step.name, 0)
         n = min(step.policy.parallel or opts.parallel, opts.parallel) + max(opts.parallel, LOOKAHEAD) - have
         if n > 0:
             caps[step.name] = n
