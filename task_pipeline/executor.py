@@ -92,10 +92,11 @@ class Slots:
             (slot / sub).mkdir(exist_ok=True)
         return slot
 
-    def release(self, slot: Path) -> None:
-        # The log files need no removal: the next attempt truncates them.
+    def release(self, slot: Path, out_empty: bool = False) -> None:
+        # The log files need no removal: the next attempt truncates them. OUTPUT_DIR needs no
+        # look when every output was moved into the store.
         try:
-            for sub in ("in", "out", "tmp"):
+            for sub in ("in", "tmp") if out_empty else ("in", "out", "tmp"):
                 _empty_dir(slot / sub)
         except OSError:
             shutil.rmtree(slot, onerror=_force_remove)
@@ -137,7 +138,7 @@ def execute(job: Job, procs: ProcessTable, slots: Slots) -> Result:
         res.ok, res.interrupted, res.error = False, True, str(e)
     finally:
         res.finished_at = time.time()
-        slots.release(slot)
+        slots.release(slot, out_empty=res.ok)
     return res
 
 
@@ -192,7 +193,7 @@ def _run(job: Job, procs: ProcessTable, slot: Path, res: Result) -> None:
             # Background children must not outlive the attempt (or write into OUTPUT_DIR while we read it).
             _killpg(proc.pid, signal.SIGKILL)
             procs.remove(proc)
-        stderr_size = os.fstat(se).st_size
+        stdout_size, stderr_size = os.fstat(so).st_size, os.fstat(se).st_size
     finally:
         os.close(so)
         os.close(se)
@@ -220,8 +221,8 @@ def _run(job: Job, procs: ProcessTable, slot: Path, res: Result) -> None:
             res.error = problem
         else:
             res.ok = True
-    res.stdout = _store_log(job.store, stdout_path)
-    res.stderr = _store_log(job.store, stderr_path)
+    res.stdout = _store_log(job.store, stdout_path, stdout_size)
+    res.stderr = _store_log(job.store, stderr_path, stderr_size)
 
 
 DISK_FULL_BELOW = 256 * 1024  # bytes free on the store's filesystem after an attempt that count as "full"
@@ -261,19 +262,21 @@ def collect_outputs(out_dir: Path, store: Store) -> tuple[list[tuple[str, str, i
         if not e.is_file(follow_symlinks=False):
             return [], f"output '{name}' is not a regular file (a FIFO, socket or device)"
     outputs = []
+    base = str(out_dir)
     for e in entries:
         name = e.name.decode()
-        path = out_dir / name
+        path = f"{base}/{name}"
         try:
             fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
         except OSError as err:
             return [], f"output '{name}' cannot be opened: {err.strerror}"
         try:
-            if not stat.S_ISREG(os.fstat(fd).st_mode):
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode):
                 return [], f"output '{name}' is not a regular file"
             try:
                 # no fsync here: the committer syncs the store once per batch, before the commit
-                h, size = store.ingest_fd(fd, path, fsync=False)
+                h, size = store.ingest_fd(fd, path, fsync=False, size=st.st_size)
             except OSError as err:
                 if err.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EIO):
                     raise StoreWriteError(f"cannot store output '{name}': {err.strerror}") from None
@@ -284,9 +287,9 @@ def collect_outputs(out_dir: Path, store: Store) -> tuple[list[tuple[str, str, i
     return outputs, None
 
 
-def _store_log(store: Store, path: Path) -> tuple[str, int] | None:
+def _store_log(store: Store, path: Path, size: int) -> tuple[str, int] | None:
     try:
-        if os.stat(path).st_size == 0:
+        if size == 0:
             return store.empty  # most logs are empty: no need to hash and move a file for them
         fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
         try:

@@ -50,9 +50,17 @@ def new_hasher(algo: str, size_hint: int = 0):
 def hash_fd(fd: int, algo: str, size_hint: int = 0) -> tuple[str, int]:
     """Hash an open file from its current offset to the end, in fixed-size chunks."""
     h = new_hasher(algo, size_hint)
-    buf = bytearray(min(CHUNK, max(size_hint, 1 << 16)))
+    if size_hint < CHUNK:
+        # Most outputs are small: one read, one update. A short read of a regular file is its end.
+        data = os.read(fd, size_hint + 1)
+        h.update(data)
+        if len(data) <= size_hint:
+            return h.hexdigest(), len(data)
+        size = len(data)
+    else:
+        size = 0
+    buf = bytearray(CHUNK)
     view = memoryview(buf)
-    size = 0
     while True:
         n = os.readv(fd, [buf])
         if not n:
@@ -62,15 +70,16 @@ def hash_fd(fd: int, algo: str, size_hint: int = 0) -> tuple[str, int]:
     return h.hexdigest(), size
 
 
-def _touch(path: Path) -> bool:
+def _touch(path: str) -> bool:
     """Refresh an existing object's ctime, so that gc sees it is in use again (an identical output
-    not committed yet). False if it vanished meanwhile (gc removed it): then the caller stores its own copy."""
+    not committed yet). False if there is no such object (or gc removed it meanwhile): then the
+    caller stores its own copy. One syscall answers both "does it exist" and "keep it"."""
     try:
         os.utime(path)
     except FileNotFoundError:
         return False
     except OSError:
-        pass  # not ours to touch (another user's store): keep the old behaviour
+        pass  # not ours to touch (another user's store): it exists, which is what matters
     return True
 
 
@@ -92,15 +101,24 @@ class Store:
         self.tmp.mkdir(parents=True, exist_ok=True)
 
     def path(self, h: str) -> Path:
-        return self.objects / h[:2] / h[2:4] / h[4:]
+        return Path(self.path_str(h))
+
+    def path_str(self, h: str) -> str:
+        # str, not Path: this runs for every output and log, and pathlib is slow at it
+        return f"{self._objects}/{h[:2]}/{h[2:4]}/{h[4:]}"
+
+    @cached_property
+    def _objects(self) -> str:
+        return str(self.objects)
 
     def has(self, h: str) -> bool:
         return os.path.exists(self.path(h))
 
     # -- writing ---------------------------------------------------------
 
-    def ingest_fd(self, fd: int, src: Path, *, fsync: bool = True) -> tuple[str, int]:
-        """Hash the open regular file `fd` (whose name is `src`), fsync it, and move it into the store.
+    def ingest_fd(self, fd: int, src: Path | str, *, fsync: bool = True, size: int | None = None) -> tuple[str, int]:
+        """Hash the open regular file `fd` (freshly opened, whose name is `src`, of `size` bytes if
+        the caller knows), fsync it, and move it into the store.
 
         With fsync=False the caller promises to call `sync()` before anything refers to
         the object (the engine does, once per commit batch, which is far cheaper than a
@@ -109,11 +127,11 @@ class Store:
         The file must be on the store's filesystem for the move to be a rename;
         otherwise it is copied to tmp/ first.
         """
-        st = os.fstat(fd)
-        os.lseek(fd, 0, os.SEEK_SET)
-        digest, size = hash_fd(fd, self.algo, st.st_size)
-        dest = self.path(digest)
-        if os.path.exists(dest) and _touch(dest):
+        if size is None:
+            size = os.fstat(fd).st_size
+        digest, size = hash_fd(fd, self.algo, size)
+        dest = self.path_str(digest)
+        if _touch(dest):
             os.unlink(src)
             return digest, size
         os.fchmod(fd, 0o444)
@@ -160,11 +178,19 @@ class Store:
     def tmp_file(self, label: str) -> Path:
         return self.tmp / f"{label}-{os.getpid()}-{os.urandom(6).hex()}"
 
-    def _place(self, src: Path, dest: Path) -> None:
+    @cached_property
+    def _shards(self) -> set[str]:
+        return set()
+
+    def _place(self, src: Path | str, dest: str) -> None:
+        shard = os.path.dirname(dest)
+        if shard not in self._shards:  # most new objects need a new shard directory: make it first
+            os.makedirs(shard, exist_ok=True)
+            self._shards.add(shard)
         try:
             os.rename(src, dest)
-        except FileNotFoundError:
-            dest.parent.mkdir(parents=True, exist_ok=True)
+        except FileNotFoundError:  # removed meanwhile (gc --force of an empty shard)
+            os.makedirs(os.path.dirname(dest), exist_ok=True)
             os.rename(src, dest)
         except OSError as e:
             if e.errno != errno.EXDEV:
@@ -174,7 +200,7 @@ class Store:
             with open(tmp, "rb") as f:
                 os.fsync(f.fileno())
             os.chmod(tmp, 0o444)
-            dest.parent.mkdir(parents=True, exist_ok=True)
+            os.makedirs(os.path.dirname(dest), exist_ok=True)
             os.rename(tmp, dest)
             os.unlink(src)
 
