@@ -204,6 +204,7 @@ class RunReporter:
 
 def table(title: str | None, columns: list[str], rows: list[list], right: Iterable[str] = ()) -> "Table":
     from rich import box
+    from rich.markup import escape
     from rich.table import Table
 
     t = Table(title=title, box=box.SIMPLE_HEAD, title_justify="left", show_edge=False, pad_edge=False)
@@ -211,7 +212,8 @@ def table(title: str | None, columns: list[str], rows: list[list], right: Iterab
     for c in columns:
         t.add_column(c, justify="right" if c in right else "left", overflow="fold")
     for r in rows:
-        t.add_row(*["" if v is None else str(v) for v in r])
+        # cells are data (file names, stderr lines), never rich markup
+        t.add_row(*["" if v is None else escape(str(v)) for v in r])
     return t
 
 
