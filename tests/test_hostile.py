@@ -127,14 +127,23 @@ def test_ten_thousand_outputs_from_one_task(cli):
 
 
 def _run_measuring_rss(args: list, cwd: Path) -> tuple[int, int, float]:
-    """Exit code, peak RSS in bytes (the process and the largest of its children), and wall time."""
+    """Exit code, peak RSS in bytes of the task-pipeline process itself (its VmHWM, sampled until it
+    exits: wait4's figure also counts descendants, which are the scripts, not us), and wall time."""
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     t0 = time.monotonic()
     p = subprocess.Popen([sys.executable, "-m", "task_pipeline", *map(str, args)], cwd=cwd, env=env,
                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    _, status, usage = os.wait4(p.pid, 0)
-    p.returncode = os.waitstatus_to_exitcode(status)
-    return p.returncode, usage.ru_maxrss * 1024, time.monotonic() - t0
+    peak = 0
+    while p.poll() is None:
+        try:
+            with open(f"/proc/{p.pid}/status") as f:
+                for line in f:
+                    if line.startswith("VmHWM:"):
+                        peak = max(peak, int(line.split()[1]) * 1024)
+        except OSError:
+            pass
+        time.sleep(0.01)
+    return p.returncode, peak, time.monotonic() - t0
 
 
 @pytest.mark.slow  # about 12 s: the run hashes 2 GiB, then fsck hashes it again
@@ -288,7 +297,7 @@ DISK_PIPELINE = """
     """
 
 
-def _disk_full_then_recover(cli, small_disk, tmp_path, *, leave: int, squeeze: bool, expect: str):
+def _disk_full_then_recover(cli, small_disk, tmp_path, *, leave: int, squeeze: bool, expect: str | tuple):
     flag = tmp_path / "squeeze"
     m = cli.manifest(DISK_PIPELINE.format(squeeze=flag))
     cli.ok("-manifest", m, "-db", cli.db, "-run", "-step", "make")
@@ -297,7 +306,9 @@ def _disk_full_then_recover(cli, small_disk, tmp_path, *, leave: int, squeeze: b
     filler = fill(small_disk, leave)
     r = cli.run(m, "-parallel", "1")
     assert r.returncode == 3, r.err
-    assert expect in r.err, r.err
+    # which write hits the full disk first (the input copy or the database's WAL) depends on the
+    # filesystem's block accounting; either must be one clear store error
+    assert any(e in r.err for e in ((expect,) if isinstance(expect, str) else expect)), r.err
     assert "Traceback" not in r.err
     # nothing of the work step was committed, nothing was marked failed, and the database is sound
     assert query(cli.db, "SELECT state, count(*) FROM task t JOIN step s ON s.id=t.step_id WHERE s.name='work' "
@@ -316,7 +327,7 @@ def _disk_full_then_recover(cli, small_disk, tmp_path, *, leave: int, squeeze: b
 
 def test_disk_full_preparing_the_input(cli, small_disk, tmp_path):
     # 500 KB left: the 1 MB input copy cannot be made
-    _disk_full_then_recover(cli, small_disk, tmp_path, leave=500_000, squeeze=False, expect="cannot prepare the input")
+    _disk_full_then_recover(cli, small_disk, tmp_path, leave=500_000, squeeze=False, expect=("cannot prepare the input", "cannot write the database"))
 
 
 def test_disk_full_while_the_script_writes_its_output(cli, small_disk, tmp_path):
