@@ -38,7 +38,6 @@ import stat
 import time
 from argparse import Namespace
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Iterable, Iterator
 
 from task_pipeline.store import Store

@@ -17,7 +17,6 @@ import errno
 import hashlib
 import os
 import shutil
-import stat
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
