@@ -311,8 +311,11 @@ def _disk_full_then_recover(cli, small_disk, tmp_path, *, leave: int, squeeze: b
     assert any(e in r.err for e in ((expect,) if isinstance(expect, str) else expect)), r.err
     assert "Traceback" not in r.err
     # nothing of the work step was committed, nothing was marked failed, and the database is sound
-    assert query(cli.db, "SELECT state, count(*) FROM task t JOIN step s ON s.id=t.step_id WHERE s.name='work' "
-                         "GROUP BY state") == [("pending", 3)]
+    # (a task whose re-queue could not be written either stays leased by the dead runner, and the
+    # next run takes it back at once)
+    states = dict(query(cli.db, "SELECT state, count(*) FROM task t JOIN step s ON s.id=t.step_id "
+                                "WHERE s.name='work' GROUP BY state"))
+    assert set(states) <= {"pending", "running"} and sum(states.values()) == 3, states
     assert query(cli.db, "PRAGMA integrity_check") == [("ok",)]
     assert cli("-db", cli.db, "fsck").returncode == 0
     # space comes back: a later run completes
