@@ -54,7 +54,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="tp-ingest-", dir=os.environ.get("TMPDIR", "/tmp")) as d:
         results: dict[str, list[float]] = {}
         for algo in ("sha256", "blake3"):
-            store = Store(Path(d) / algo, algo)
+            store = Store.at(Path(d) / algo, algo)
             store.create_dirs()
             for _ in range(a.repeat):
                 src = store.tmp / "big"

@@ -59,7 +59,7 @@ def need_manifest(a: Namespace, *, runs: bool = True) -> Manifest:
 
 def open_store(a: Namespace, *, create: bool = False):
     conn = state.connect(Path(a.db), create=create, hash_algo=getattr(a, "hash", None) or "sha256")
-    store = Store(Path(a.db), state.meta(conn, "hash_algo") or "sha256")
+    store = Store.at(Path(a.db), state.meta(conn, "hash_algo") or "sha256")
     if create:
         store.create_dirs()
     return conn, store

@@ -282,7 +282,7 @@ def cmd_submit(a: Namespace, out: Output) -> int:
 
     items = []
     for f, name in zip(files, names):
-        h, size = store.ingest_bytes(sys.stdin.buffer.read()) if f == "-" else store.ingest_path(Path(f))
+        h, size = store.ingest_stream(sys.stdin.buffer) if f == "-" else store.ingest_path(Path(f))
         items.append((name, h, size, step))
     report = state.submit(conn, items, a.runset)
     rows = []

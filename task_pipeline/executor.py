@@ -1,16 +1,23 @@
 """Executor: one attempt of one task, start to finish, synchronously (SPEC section 3).
 
-Runs in a worker thread: take a scratch slot, run the script in its own
-process group, collect and store what it left in OUTPUT_DIR, empty the slot. Nothing here touches the database; the result goes back to the
-engine, which commits it. Blocking work (spawning, waiting, hashing) happens
-here so that the event loop never waits on a file.
+Runs in a worker thread: take a scratch slot, make the attempt's directories,
+copy in the input (checking its hash), run the script in its own process group,
+store what it left in OUTPUT_DIR, remove the attempt's directories. Nothing here
+touches the database; the result goes back to the engine, which commits it.
+
+The script can change anything in its slot while it runs, and a process it
+started with `setsid` can go on changing it afterwards. So every file operation
+on the slot goes through directory file descriptors opened with O_NOFOLLOW
+(fsutil), OUTPUT_DIR is checked to be the directory that was created, and each
+attempt gets directories under a new name: a straggler of an earlier attempt
+cannot write into a later one's OUTPUT_DIR, and nothing outside the slot is
+ever read, moved or deleted, whatever the script put in it.
 """
 
 from __future__ import annotations
 
 import errno
 import os
-import shutil
 import signal
 import stat
 import subprocess
@@ -19,14 +26,38 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from task_pipeline import fsutil
 from task_pipeline.state import Claimed, Result
-from task_pipeline.store import Store
+from task_pipeline.store import Cancelled, ObjectError, OutputChanged, Store
 
 KILL_GRACE = 3.0  # seconds between SIGTERM and SIGKILL on timeout or shutdown
+DISK_FULL_BELOW = 256 * 1024  # bytes free on the scratch filesystem after an attempt that count as "full"
+_DISK_FULL_WORDS = (b"No space left on device", b"Disk quota exceeded")
+
+
+STDERR_RESERVE = 64 * 1024  # bytes of disk held for each script's stderr, so a full disk cannot silence it
+
+try:
+    import ctypes
+    import ctypes.util
+
+    _fallocate = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True).fallocate
+    _fallocate.argtypes = (ctypes.c_int, ctypes.c_int, ctypes.c_long, ctypes.c_long)
+except (OSError, AttributeError):  # not Linux
+    _fallocate = None
+_FALLOC_FL_KEEP_SIZE = 1
+
+
+def _reserve(fd: int, size: int) -> None:
+    """Allocate disk blocks for a file without changing its size. When the disk fills up, the
+    script's complaint ("No space left on device") still reaches its stderr, which is how we
+    tell a full disk from a script's own failure."""
+    if _fallocate is not None:
+        _fallocate(fd, _FALLOC_FL_KEEP_SIZE, 0, size)  # best effort: unsupported filesystems just don't reserve
 
 
 class StoreWriteError(Exception):
-    """The store could not take an output (disk full, permissions): not the script's fault."""
+    """The store or scratch space could not take the attempt (disk full, permissions): not the script's fault."""
 
 
 class ProcessTable:
@@ -34,12 +65,13 @@ class ProcessTable:
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._groups: dict[int, subprocess.Popen] = {}
+        self._groups: dict[int, tuple[subprocess.Popen, int]] = {}   # pgid -> (process, task id)
         self.stopping = False
+        self.abandon = threading.Event()   # set when storing outputs must stop too (grace is over)
 
-    def add(self, proc: subprocess.Popen) -> None:
+    def add(self, proc: subprocess.Popen, task_id: int) -> None:
         with self._lock:
-            self._groups[proc.pid] = proc
+            self._groups[proc.pid] = (proc, task_id)
 
     def remove(self, proc: subprocess.Popen) -> None:
         with self._lock:
@@ -54,6 +86,14 @@ class ProcessTable:
             _killpg(pgid, sig)
         return len(groups)
 
+    def kill_tasks(self, task_ids: set[int]) -> int:
+        """Stop the scripts of tasks whose lease this runner lost (another runner may have them now)."""
+        with self._lock:
+            groups = [pgid for pgid, (_, t) in self._groups.items() if t in task_ids]
+        for pgid in groups:
+            _killpg(pgid, signal.SIGKILL)
+        return len(groups)
+
 
 def _killpg(pgid: int, sig: int) -> None:
     try:
@@ -62,53 +102,114 @@ def _killpg(pgid: int, sig: int) -> None:
         pass
 
 
-class Slots:
-    """Scratch directories, reused: one per task running at once.
+# -- scratch -----------------------------------------------------------------------------------
 
-    Making and removing a fresh directory tree per task costs more than the tiny
-    scripts it serves (several mkdirs and an rmtree: about a third of a millisecond
-    each under load), so a slot is emptied after each attempt instead: OUTPUT_DIR is
-    empty once outputs are moved into the store, the input copy is unlinked, and
-    TMPDIR is only rebuilt when the script left something in it. A slot that cannot
-    be emptied is dropped. Names are `task-slotN-<nonce>-<pid>`, so housekeeping can
-    tell a dead runner's scratch by its pid.
+
+@dataclass
+class Slot:
+    """A runner's scratch directory, reused by its attempts one after another."""
+
+    path: str
+    fd: int
+    attempts: int = 0
+
+
+@dataclass
+class AttemptDirs:
+    """One attempt's directories: <slot>/a<N>/{in,out,tmp}, plus its stdout and stderr files."""
+
+    path: str
+    fd: int
+    in_fd: int
+    out_fd: int
+    out_stat: os.stat_result
+
+    def close(self) -> None:
+        for fd in (self.in_fd, self.out_fd, self.fd):
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+
+
+class Slots:
+    """Scratch slots: one per task running at once, each a directory `task-slotN-<nonce>-<pid>`
+    (housekeeping tells a dead runner's scratch by the pid), opened once and reused.
+
+    Every attempt works in a fresh subdirectory `a<N>` of its slot, removed afterwards; a
+    slot whose attempt directory cannot be removed is dropped and left to the sweep.
     """
 
-    def __init__(self, tmp: Path) -> None:
-        self.tmp = tmp.absolute()
+    def __init__(self, scratch: Path) -> None:
+        self.scratch = Path(scratch).absolute()
         self._lock = threading.Lock()
-        self._free: list[Path] = []
+        self._free: list[Slot] = []
         self._made = 0
         self._nonce = os.urandom(3).hex()
 
-    def acquire(self) -> Path:
+    def acquire(self) -> Slot:
         with self._lock:
             if self._free:
                 return self._free.pop()
             self._made += 1
             n = self._made
-        slot = self.tmp / f"task-slot{n}-{self._nonce}-{os.getpid()}"
-        for sub in ("", "in", "out", "tmp"):
-            (slot / sub).mkdir(exist_ok=True)
-        return slot
-
-    def release(self, slot: Path, out_empty: bool = False) -> None:
-        # The log files need no removal: the next attempt truncates them. OUTPUT_DIR needs no
-        # look when every output was moved into the store.
+        name = f"task-slot{n}-{self._nonce}-{os.getpid()}"
+        base = fsutil.open_dir(str(self.scratch))
         try:
-            for sub in ("in", "tmp") if out_empty else ("in", "out", "tmp"):
-                _empty_dir(slot / sub)
-        except OSError:
-            shutil.rmtree(slot, onerror=_force_remove)
-            return
+            fsutil.make_dir(name, 0o700, dir_fd=base)
+            fd = fsutil.open_dir(name, base)
+        finally:
+            os.close(base)
+        return Slot(f"{self.scratch}/{name}", fd)
+
+    def begin(self, slot: Slot) -> AttemptDirs:
+        slot.attempts += 1
+        name = f"a{slot.attempts}"
+        fsutil.make_dir(name, 0o700, dir_fd=slot.fd)
+        fd = fsutil.open_dir(name, slot.fd)
+        try:
+            for sub in ("in", "out", "tmp"):
+                fsutil.make_dir(sub, 0o700, dir_fd=fd)
+            in_fd = fsutil.open_dir("in", fd)
+            out_fd = fsutil.open_dir("out", fd)
+        except BaseException:
+            os.close(fd)
+            raise
+        return AttemptDirs(f"{slot.path}/{name}", fd, in_fd, out_fd, os.fstat(out_fd))
+
+    def release(self, slot: Slot, dirs: AttemptDirs | None) -> None:
+        if dirs is not None:
+            dirs.close()
+            try:
+                fsutil.remove_tree_at(slot.fd, os.path.basename(dirs.path))
+            except OSError:
+                self._drop(slot)
+                return
         with self._lock:
             self._free.append(slot)
+
+    def _drop(self, slot: Slot) -> None:
+        os.close(slot.fd)  # the sweep of a later run removes what is left
 
     def close(self) -> None:
         with self._lock:
             slots, self._free = self._free, []
         for slot in slots:
-            shutil.rmtree(slot, onerror=_force_remove)
+            name = os.path.basename(slot.path)
+            os.close(slot.fd)
+            try:
+                base = fsutil.open_dir(str(self.scratch))
+            except OSError:
+                continue
+            try:
+                fsutil.remove_tree_at(base, name)
+            except OSError:
+                pass
+            finally:
+                os.close(base)
+
+
+# -- an attempt ---------------------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
@@ -126,46 +227,69 @@ def execute(job: Job, procs: ProcessTable, slots: Slots) -> Result:
     res = Result(task_id=c.task_id, token=c.token, step=step.name, attempt=c.attempt, input_name=c.input_name,
                  ok=False, started_at=started, finished_at=started,
                  retries=step.policy.retries, retry_delay=step.policy.retry_delay)
+    dirs = None
     try:
-        # absolute: the script runs in the pipeline's workdir, so a relative -db must not leak into its paths
         slot = slots.acquire()
     except OSError as e:
-        res.interrupted, res.error = True, f"cannot prepare scratch space in {slots.tmp}: {e.strerror}"
+        res.interrupted, res.store_trouble = True, True
+        res.error = f"cannot prepare scratch space in {slots.scratch}: {e.strerror}"
         return res
     try:
-        _run(job, procs, slot, res)
+        try:
+            dirs = slots.begin(slot)
+        except OSError as e:
+            raise StoreWriteError(f"cannot prepare scratch space in {slot.path}: {e.strerror}") from None
+        _run(job, procs, dirs, res)
     except StoreWriteError as e:
-        res.ok, res.interrupted, res.error = False, True, str(e)
+        res.ok, res.interrupted, res.store_trouble, res.error = False, True, True, str(e)
+        res.outputs = []
+    except Cancelled:
+        res.ok, res.interrupted, res.error, res.outputs = False, True, "stopped by shutdown while storing outputs", []
     finally:
         res.finished_at = time.time()
-        slots.release(slot, out_empty=res.ok)
+        slots.release(slot, dirs)
     return res
 
 
-def _run(job: Job, procs: ProcessTable, slot: Path, res: Result) -> None:
+def input_file_name(name: str) -> str:
+    """The input copy's name: the input's own name where that is a plain file name."""
+    if not name or name in (".", "..") or "/" in name or "\0" in name:
+        return "input" if name else "empty"
+    return name
+
+
+def _run(job: Job, procs: ProcessTable, dirs: AttemptDirs, res: Result) -> None:
     c = job.claimed
     step = c.step
-    out_dir, tmp_dir = slot / "out", slot / "tmp"
-    input_file = slot / "in" / (c.input_name or "empty")
+    in_name = input_file_name(c.input_name)
     try:
-        if c.input_hash:
-            job.store.copy_to(c.input_hash, input_file)
-        else:
-            os.close(os.open(input_file, os.O_CREAT | os.O_WRONLY, 0o444))
+        fd = os.open(in_name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o444,
+                     dir_fd=dirs.in_fd)
+        try:
+            if c.input_hash:
+                job.store.copy_to_fd(c.input_hash, fd)
+        finally:
+            os.close(fd)
+    except ObjectError as e:
+        # Missing or damaged: running the script cannot help, and retrying cannot either.
+        res.error, res.final = f"input {c.input_name!r}: {e}", True
+        return
     except OSError as e:
-        raise StoreWriteError(f"cannot prepare the input in {slot}: {e.strerror}") from None
+        raise StoreWriteError(f"cannot prepare the input in {dirs.path}: {e.strerror}") from None
 
+    out_dir, tmp_dir = f"{dirs.path}/out", f"{dirs.path}/tmp"
     env = dict(job.base_env)
     env.update(
-        INPUT_FILE=str(input_file), OUTPUT_DIR=str(out_dir), TMPDIR=str(tmp_dir),
+        INPUT_FILE=f"{dirs.path}/in/{in_name}", OUTPUT_DIR=out_dir, TMPDIR=tmp_dir,
         INPUT_NAME=c.input_name, INPUT_HASH=c.input_hash, STEP_NAME=step.name, STEP_VERSION=str(step.version),
         TASK_ID=str(c.task_id), TASK_ATTEMPT=str(c.attempt), RUNSET=c.runset,
     )
     env.update(step.env)
-    stdout_path, stderr_path = slot / "stdout", slot / "stderr"
     timed_out = False
-    flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC
-    so, se = os.open(stdout_path, flags, 0o644), os.open(stderr_path, flags, 0o644)
+    flags = os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+    so = os.open("stdout", flags, 0o600, dir_fd=dirs.fd)
+    se = os.open("stderr", flags, 0o600, dir_fd=dirs.fd)
+    _reserve(se, STDERR_RESERVE)
     try:
         try:
             proc = subprocess.Popen(
@@ -177,7 +301,7 @@ def _run(job: Job, procs: ProcessTable, slot: Path, res: Result) -> None:
             res.error = f"cannot start '{step.shell}' in {job.workdir}: {missing}: {e.strerror}"
             res.exit_code = 127
             return
-        procs.add(proc)
+        procs.add(proc, c.task_id)
         try:
             try:
                 rc = proc.wait(timeout=step.policy.timeout)
@@ -193,43 +317,45 @@ def _run(job: Job, procs: ProcessTable, slot: Path, res: Result) -> None:
             # Background children must not outlive the attempt (or write into OUTPUT_DIR while we read it).
             _killpg(proc.pid, signal.SIGKILL)
             procs.remove(proc)
-        stdout_size, stderr_size = os.fstat(so).st_size, os.fstat(se).st_size
+
+        res.exit_code = rc
+        stderr_size = os.fstat(se).st_size
+        res.stderr_tail = _tail(se, stderr_size) if stderr_size else ""
+        full = _disk_full(dirs.path, rc, res.stderr_tail)
+        if full and not timed_out:
+            # The script ran out of space (a failed write, or a truncated output if it ignored the error):
+            # not its fault and not trustworthy either way. The task goes back to the queue and the run stops.
+            raise StoreWriteError(f"cannot run {step.name}#{c.task_id}: the disk holding {job.store.tmp} is full "
+                                  f"({full}); free some space and run again")
+        if timed_out:
+            res.error = f"timed out after {step.policy.timeout:g}s"
+        elif procs.stopping and rc != 0:
+            res.interrupted = True
+            res.error = "stopped by shutdown"
+        elif rc < 0:
+            res.error = f"killed by signal {_signame(-rc)}"
+        elif rc != 0:
+            res.error = f"exit code {rc}"
+        else:
+            res.outputs, problem = collect_outputs(dirs, job.store, procs.abandon.is_set)
+            if problem:
+                res.error = problem
+            else:
+                res.ok = True
+        res.stdout = _store_log(job.store, so)
+        res.stderr = _store_log(job.store, se)
+        if res.stderr is None and stderr_size and not res.ok:
+            # the log of a failure is what the user needs most: losing it means the store is in trouble
+            raise StoreWriteError(f"cannot keep the stderr of {step.name}#{c.task_id}: the store cannot take it "
+                                  f"(disk full?); free some space and run again")
     finally:
         os.close(so)
         os.close(se)
 
-    res.exit_code = rc
-    res.stderr_tail = _tail(stderr_path) if stderr_size else ""
-    free = _free_space(out_dir)
-    if free is not None and not timed_out:
-        # The script ran out of space (a failed write, or a truncated output if it ignored the error):
-        # not its fault and not trustworthy either way. The task goes back to the queue and the run stops.
-        raise StoreWriteError(f"cannot run {step.name}#{c.task_id}: the disk holding {job.store.tmp} is full "
-                              f"({free}); free some space and run again")
-    if timed_out:
-        res.error = f"timed out after {step.policy.timeout:g}s"
-    elif procs.stopping and rc != 0:
-        res.interrupted = True
-        res.error = "stopped by shutdown"
-    elif rc < 0:
-        res.error = f"killed by signal {_signame(-rc)}"
-    elif rc != 0:
-        res.error = f"exit code {rc}"
-    else:
-        res.outputs, problem = collect_outputs(out_dir, job.store)
-        if problem:
-            res.error = problem
-        else:
-            res.ok = True
-    res.stdout = _store_log(job.store, stdout_path, stdout_size)
-    res.stderr = _store_log(job.store, stderr_path, stderr_size)
 
-
-DISK_FULL_BELOW = 256 * 1024  # bytes free on the store's filesystem after an attempt that count as "full"
-
-
-def _free_space(path: Path) -> str | None:
-    """None if there is room; otherwise what is left, for the message."""
+def _disk_full(path: str, rc: int, stderr_tail: str) -> str | None:
+    """Why the attempt's filesystem counts as full, or None. A script that failed saying so counts too:
+    space may have come back (another attempt's scratch removed) by the time we look."""
     try:
         st = os.statvfs(path)
     except OSError:
@@ -237,22 +363,39 @@ def _free_space(path: Path) -> str | None:
     if st.f_files > 0 and st.f_favail == 0:
         return "no inodes left"
     free = st.f_bavail * st.f_frsize
-    return f"{free} bytes free" if free < DISK_FULL_BELOW else None
+    if free < DISK_FULL_BELOW:
+        return f"{free} bytes free"
+    if rc != 0 and any(w.decode() in stderr_tail for w in _DISK_FULL_WORDS):
+        return f"the script failed with '{stderr_tail[-120:]}'"
+    return None
 
 
-def collect_outputs(out_dir: Path, store: Store) -> tuple[list[tuple[str, str, int]], str | None]:
-    """Store every regular file directly in `out_dir`. Anything else fails the attempt, naming the file.
+def collect_outputs(dirs: AttemptDirs, store: Store, cancel=None) -> tuple[list[tuple[str, str, int]], str | None]:
+    """Store every regular file directly in OUTPUT_DIR. Anything else fails the attempt, naming the file.
 
-    Names are read as bytes so that a name that is not UTF-8 is reported, not mangled.
-    Files are opened with O_NOFOLLOW | O_NONBLOCK and checked with fstat, so neither a
-    symlink nor a FIFO swapped in after the listing makes us read outside OUTPUT_DIR or hang.
+    OUTPUT_DIR must still be the directory that was made for the attempt (a script that
+    replaced it, with a symlink to /etc say, gets a failure, not a copy of /etc). Names are
+    read as bytes so that a name that is not UTF-8 is reported, not mangled. Files are
+    opened relative to the directory with O_NOFOLLOW | O_NONBLOCK and checked with fstat,
+    so neither a symlink nor a FIFO swapped in after the listing makes us read elsewhere or hang.
     """
-    entries = sorted(os.scandir(os.fsencode(out_dir)), key=lambda e: e.name)
+    try:
+        now = os.stat("out", dir_fd=dirs.fd, follow_symlinks=False)
+    except FileNotFoundError:
+        now = None
+    if now is None or not fsutil.same_inode(now, dirs.out_stat) or not stat.S_ISDIR(now.st_mode):
+        return [], ("OUTPUT_DIR was removed or replaced (by a symlink or another directory) during the attempt; "
+                    "write files into it, do not replace it")
+    with os.scandir(dirs.out_fd) as it:
+        entries = sorted(it, key=lambda e: e.name)
     for e in entries:
+        if not isinstance(e.name, str):
+            continue
+        name = e.name
         try:
-            name = e.name.decode("utf-8")
-        except UnicodeDecodeError:
-            return [], f"output {e.name!r} has a name that is not UTF-8; rename it"
+            name.encode("utf-8")
+        except UnicodeEncodeError:
+            return [], f"output {os.fsencode(name)!r} has a name that is not UTF-8; rename it"
         if name.startswith("."):
             return [], f"output '{name}' starts with '.'; hidden files are not outputs, remove or rename it"
         if e.is_symlink():
@@ -262,12 +405,10 @@ def collect_outputs(out_dir: Path, store: Store) -> tuple[list[tuple[str, str, i
         if not e.is_file(follow_symlinks=False):
             return [], f"output '{name}' is not a regular file (a FIFO, socket or device)"
     outputs = []
-    base = str(out_dir)
     for e in entries:
-        name = e.name.decode()
-        path = f"{base}/{name}"
+        name = e.name
         try:
-            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+            fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=dirs.out_fd)
         except OSError as err:
             return [], f"output '{name}' cannot be opened: {err.strerror}"
         try:
@@ -275,8 +416,10 @@ def collect_outputs(out_dir: Path, store: Store) -> tuple[list[tuple[str, str, i
             if not stat.S_ISREG(st.st_mode):
                 return [], f"output '{name}' is not a regular file"
             try:
-                # no fsync here: the committer syncs the store once per batch, before the commit
-                h, size = store.ingest_fd(fd, path, fsync=False, size=st.st_size)
+                h, size = store.ingest_output(dirs.out_fd, name, fd, st, cancel=cancel)
+            except OutputChanged:
+                return [], (f"output '{name}' was replaced while it was being stored (by a process the script "
+                            f"left running?); nothing of this attempt is kept")
             except OSError as err:
                 if err.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EIO):
                     raise StoreWriteError(f"cannot store output '{name}': {err.strerror}") from None
@@ -287,26 +430,21 @@ def collect_outputs(out_dir: Path, store: Store) -> tuple[list[tuple[str, str, i
     return outputs, None
 
 
-def _store_log(store: Store, path: Path, size: int) -> tuple[str, int] | None:
+def _store_log(store: Store, fd: int) -> tuple[str, int] | None:
+    """Store a log from the descriptor we gave the script (its name in the slot is not trusted)."""
     try:
+        size = os.fstat(fd).st_size
         if size == 0:
             return store.empty  # most logs are empty: no need to hash and move a file for them
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
-        try:
-            return store.ingest_fd(fd, path, fsync=False)
-        finally:
-            os.close(fd)
+        os.lseek(fd, 0, os.SEEK_SET)
+        return store._copy_in(fd, size, fsync=False)
     except OSError:
         return None  # losing a log must not lose the result
 
 
-def _tail(path: Path, limit: int = 2048) -> str:
+def _tail(fd: int, size: int, limit: int = 2048) -> str:
     try:
-        with open(path, "rb") as f:
-            f.seek(0, os.SEEK_END)
-            size = f.tell()
-            f.seek(max(size - limit, 0))
-            data = f.read()
+        data = os.pread(fd, limit, max(size - limit, 0))
     except OSError:
         return ""
     lines = [ln for ln in data.decode("utf-8", "replace").splitlines() if ln.strip()]
@@ -318,26 +456,3 @@ def _signame(n: int) -> str:
         return signal.Signals(n).name
     except ValueError:
         return str(n)
-
-
-def _empty_dir(d: Path) -> None:
-    with os.scandir(d) as it:
-        for e in it:
-            if e.is_dir(follow_symlinks=False):
-                shutil.rmtree(e.path, onerror=_force_remove)
-            else:
-                os.unlink(e.path)
-
-
-def _force_remove(func, path, exc_info) -> None:
-    # A script may leave read-only directories in TMPDIR; make them writable and retry.
-    try:
-        parent = os.path.dirname(path)
-        os.chmod(parent, 0o700)
-        if os.path.isdir(path) and not os.path.islink(path):
-            os.chmod(path, 0o700)
-            shutil.rmtree(path, ignore_errors=True)
-        else:
-            os.unlink(path)
-    except OSError:
-        pass

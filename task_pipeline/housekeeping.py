@@ -40,6 +40,7 @@ from argparse import Namespace
 from dataclasses import dataclass, field
 from typing import Iterable, Iterator
 
+from task_pipeline import fsutil
 from task_pipeline.store import Store
 
 HEARTBEAT_FRESH = 90.0  # seconds: a runner on another host counts as active while its heartbeat is this recent
@@ -164,66 +165,40 @@ class Sweep:
     errors: list[str] = field(default_factory=list)
 
 
-def _tree_size(path: str) -> int:
-    total = 0
+def _tree_size(parent: str, name: str) -> int:
     try:
-        st = os.lstat(path)
+        fd = fsutil.open_dir(parent)
     except OSError:
         return 0
-    if not stat.S_ISDIR(st.st_mode):
-        return st.st_size
-    for root, dirs, files in os.walk(path):
-        for n in files:
-            try:
-                total += os.lstat(os.path.join(root, n)).st_size
-            except OSError:
-                pass
-    return total
-
-
-def _remove_tree(path: str) -> str | None:
-    """Remove a file or directory tree, making read-only directories writable as needed."""
     try:
-        st = os.lstat(path)
-    except FileNotFoundError:
-        return None
+        return fsutil.tree_size_at(fd, name)
+    finally:
+        os.close(fd)
+
+
+def _remove_tree(parent: str, name: str) -> str | None:
+    """Remove `name` in `parent` (a file or a directory tree), never following a symlink a script left there."""
+    try:
+        fd = fsutil.open_dir(parent)
     except OSError as e:
-        return f"{path}: {e.strerror}"
-    if not stat.S_ISDIR(st.st_mode):
-        try:
-            os.unlink(path)
-        except FileNotFoundError:
-            pass
-        except OSError as e:
-            return f"{path}: {e.strerror}"
-        return None
-    for root, dirs, _ in os.walk(path):
-        for d in dirs:
-            p = os.path.join(root, d)
-            try:
-                if not os.path.islink(p):
-                    os.chmod(p, 0o700)
-            except OSError:
-                pass
+        return f"{parent}: {e.strerror}"
     try:
-        os.chmod(path, 0o700)
-    except OSError:
-        pass
-    import shutil
-
-    problems: list[str] = []
-    shutil.rmtree(path, onerror=lambda fn, p, exc: problems.append(f"{p}: {exc[1]}"))
-    return problems[0] if problems and os.path.lexists(path) else None
+        fsutil.remove_tree_at(fd, name)
+    except OSError as e:
+        return f"{parent}/{name}: {e.strerror}"
+    finally:
+        os.close(fd)
+    return None
 
 
 def kill_orphans(scratch_dirs: Iterable[str]) -> int:
     """Kill the process groups of scripts still running in these scratch directories.
 
-    A script is recognised by its environment: OUTPUT_DIR is its scratch's out/ (every
+    A script is recognised by its environment: OUTPUT_DIR lies in its scratch slot (every
     process a script starts inherits it). Returns the number of process groups killed.
     Linux only (/proc); elsewhere nothing is killed.
     """
-    needles = [b"\0OUTPUT_DIR=" + os.fsencode(os.path.join(d, "out")) + b"\0" for d in scratch_dirs]
+    needles = [b"\0OUTPUT_DIR=" + os.fsencode(d) + b"/" for d in scratch_dirs]
     if not needles or not os.path.isdir("/proc/self"):
         return 0
     me = os.getpid()
@@ -288,8 +263,8 @@ def reap_dead_scratch(conn: sqlite3.Connection, store: Store, now: float | None 
         return sweep
     sweep.killed = kill_orphans([p for p, _ in dead if os.path.basename(p).startswith("task-")])
     for path, _ in dead:
-        size = _tree_size(path)
-        err = _remove_tree(path)
+        size = _tree_size(str(store.tmp), os.path.basename(path))
+        err = _remove_tree(str(store.tmp), os.path.basename(path))
         if err:
             sweep.errors.append(err)
         else:

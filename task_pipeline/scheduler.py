@@ -209,7 +209,7 @@ async def run_engine(db: Db, store: Store, opts: EngineOptions, reporter: Report
         finally:
             committing[0] -= len(batch)
         for r in batch:
-            if r.interrupted and r.error and r.error.startswith("cannot"):
+            if r.store_trouble:
                 summary.store_error = summary.store_error or r.error
                 flags["stopping"] = True
         summary.absorb(rep)

@@ -631,6 +631,8 @@ class Result:
     stderr: tuple[str, int] | None = None
     stderr_tail: str = ""
     interrupted: bool = False  # killed because we are shutting down: re-queue, don't count
+    store_trouble: bool = False  # interrupted because the store or scratch cannot take it (disk full): stop the run
+    final: bool = False        # failed in a way a retry cannot mend (its input is missing or damaged)
     retries: int = 0
     retry_delay: float = 1.0
 
@@ -699,7 +701,7 @@ def commit(conn: sqlite3.Connection, results: list[Result], runner: str, now: fl
                         keep = set(produced)
                         _retire(conn, [o for o in gone if o not in keep])
             else:
-                final = r.attempt > r.retries
+                final = r.final or r.attempt > r.retries
                 row = conn.execute(
                     """UPDATE task SET state=?, attempts=attempts+1, exit_code=?, error=?, finished_at=?, not_before=?,
                          lease_owner=NULL, lease_expires=NULL

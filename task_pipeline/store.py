@@ -1,12 +1,17 @@
-"""The content-addressed object store: DB_DIR/objects/ab/cd/<rest of hash> (SPEC section 8).
+"""The content-addressed object store: objects/ab/cd/<rest of hash> (SPEC section 8).
 
 Objects are immutable and read-only (0444). They get there by hashing a file
 once, streaming, then renaming it into place: no copy when the file is already
-on the store's filesystem (a task's OUTPUT_DIR is). Before the database refers
-to an object its bytes are on disk: fsynced one by one, or, for task outputs,
-by one `sync()` of the filesystem per commit batch.
-Writing an object that exists already just drops the new file: identical
-outputs are stored once.
+on the store's filesystem (a task's OUTPUT_DIR usually is). A file that is not
+ours alone (hard-linked elsewhere) or on another filesystem is copied instead,
+hashed while it is copied. Before the database refers to an object its bytes
+are on disk: fsynced one by one, or, for task outputs, by one `sync()` of the
+filesystem per commit batch. Writing an object that exists already just drops
+the new file: identical outputs are stored once.
+
+Reading never trusts the file: objects are opened without following symlinks,
+and a copy handed to a script is hashed as it is copied (a damaged object fails
+that task by name instead of poisoning its results).
 """
 
 from __future__ import annotations
@@ -16,23 +21,42 @@ import ctypes.util
 import errno
 import hashlib
 import os
-import shutil
-from dataclasses import dataclass
+import stat
+from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
-from typing import BinaryIO, Iterator
+from typing import BinaryIO, Callable, Iterator
 
+from task_pipeline import fsutil
 from task_pipeline.errors import StoreError
 
 CHUNK = 1 << 20
 ALGORITHMS = ("sha256", "blake3")
 _BLAKE3_THREADS_FROM = 16 << 20  # below this, threading costs more than it gains
-
+DIR_MODE = 0o750     # objects/ and its shard directories
+TMP_MODE = 0o700     # tmp/: scratch of running scripts and objects being written
+OBJECT_MODE = 0o444
 
 try:
     _syncfs = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True).syncfs
 except (OSError, AttributeError):  # not Linux: fall back to sync()
     _syncfs = None
+
+
+class ObjectError(StoreError):
+    """An object a task needs is missing or damaged: that task fails, the others go on."""
+
+    def __init__(self, message: str, h: str) -> None:
+        super().__init__(message)
+        self.hash = h
+
+
+class OutputChanged(Exception):
+    """An output file was replaced while it was being stored (by a process the attempt left behind)."""
+
+
+class Cancelled(Exception):
+    """Storing was abandoned because the runner is stopping."""
 
 
 def new_hasher(algo: str, size_hint: int = 0):
@@ -46,8 +70,10 @@ def new_hasher(algo: str, size_hint: int = 0):
     raise StoreError(f"unknown hash algorithm '{algo}'; use one of: {', '.join(ALGORITHMS)}")
 
 
-def hash_fd(fd: int, algo: str, size_hint: int = 0) -> tuple[str, int]:
-    """Hash an open file from its current offset to the end, in fixed-size chunks."""
+def hash_fd(fd: int, algo: str, size_hint: int = 0, cancel: Callable[[], bool] | None = None) -> tuple[str, int]:
+    """Hash an open file from its current offset to the end, in fixed-size chunks.
+
+    `cancel` is asked between chunks, so that a huge output does not hold up a shutdown."""
     h = new_hasher(algo, size_hint)
     if size_hint < CHUNK:
         # Most outputs are small: one read, one update. A short read of a regular file is its end.
@@ -66,7 +92,16 @@ def hash_fd(fd: int, algo: str, size_hint: int = 0) -> tuple[str, int]:
             break
         h.update(view[:n])
         size += n
+        if cancel is not None and cancel():
+            raise Cancelled()
     return h.hexdigest(), size
+
+
+def _write_all(fd: int, data) -> None:
+    view = memoryview(data)
+    while view:
+        n = os.write(fd, view)
+        view = view[n:]
 
 
 def _touch(path: str) -> bool:
@@ -74,7 +109,7 @@ def _touch(path: str) -> bool:
     not committed yet). False if there is no such object (or gc removed it meanwhile): then the
     caller stores its own copy. One syscall answers both "does it exist" and "keep it"."""
     try:
-        os.utime(path)
+        os.utime(path, follow_symlinks=False)
     except FileNotFoundError:
         return False
     except OSError:
@@ -84,20 +119,30 @@ def _touch(path: str) -> bool:
 
 @dataclass(frozen=True)
 class Store:
-    root: Path
+    """Objects under `objects`; `tmp` (same filesystem) holds files being written."""
+
+    objects: Path
+    tmp: Path
     algo: str = "sha256"
+    _shards: set = field(default_factory=set, compare=False, repr=False)
 
-    @property
-    def objects(self) -> Path:
-        return self.root / "objects"
-
-    @property
-    def tmp(self) -> Path:
-        return self.root / "tmp"
+    @classmethod
+    def at(cls, root: Path | str, algo: str = "sha256") -> "Store":
+        """The layout of a store directory: ROOT/objects and ROOT/tmp."""
+        root = Path(root)
+        return cls(root / "objects", root / "tmp", algo)
 
     def create_dirs(self) -> None:
-        self.objects.mkdir(parents=True, exist_ok=True)
-        self.tmp.mkdir(parents=True, exist_ok=True)
+        for d, mode in ((self.objects, DIR_MODE), (self.tmp, TMP_MODE)):
+            try:
+                fsutil.make_dirs(str(d), mode)
+            except OSError as e:
+                raise StoreError(f"{d}: cannot create: {e.strerror}") from None
+
+    def check(self) -> None:
+        """Refuse directories another user could tamper with (see fsutil.check_private)."""
+        fsutil.check_private(str(self.objects), "objects directory")
+        fsutil.check_private(str(self.tmp), "scratch directory")
 
     def path(self, h: str) -> Path:
         return Path(self.path_str(h))
@@ -110,21 +155,27 @@ class Store:
     def _objects(self) -> str:
         return str(self.objects)
 
+    @cached_property
+    def _tmp_dev(self) -> int | None:
+        try:
+            return os.stat(self.tmp).st_dev
+        except OSError:
+            return None
+
     def has(self, h: str) -> bool:
-        return os.path.exists(self.path(h))
+        try:
+            return stat.S_ISREG(os.lstat(self.path_str(h)).st_mode)
+        except OSError:
+            return False
 
     # -- writing ---------------------------------------------------------
 
     def ingest_fd(self, fd: int, src: Path | str, *, fsync: bool = True, size: int | None = None) -> tuple[str, int]:
-        """Hash the open regular file `fd` (freshly opened, whose name is `src`, of `size` bytes if
-        the caller knows), fsync it, and move it into the store.
+        """Hash the open regular file `fd`, a file the store owns in tmp/ (named `src`), and move it in.
 
         With fsync=False the caller promises to call `sync()` before anything refers to
         the object (the engine does, once per commit batch, which is far cheaper than a
         flush per file and also covers the renames).
-
-        The file must be on the store's filesystem for the move to be a rename;
-        otherwise it is copied to tmp/ first.
         """
         if size is None:
             size = os.fstat(fd).st_size
@@ -133,32 +184,107 @@ class Store:
         if _touch(dest):
             os.unlink(src)
             return digest, size
-        os.fchmod(fd, 0o444)
+        os.fchmod(fd, OBJECT_MODE)
         if fsync:
             os.fsync(fd)
-        self._place(src, dest)
+        self._place(str(src), dest)
         return digest, size
 
-    def ingest_path(self, src: Path) -> tuple[str, int]:
-        """Ingest a file the store does not own (e.g. `submit FILE`): copy to tmp/, then move in."""
-        if not os.path.isfile(src):
-            raise StoreError(f"{src}: not a regular file")
-        tmp = self.tmp_file("ingest")
-        shutil.copyfile(src, tmp)
-        return self.ingest_owned(tmp)
+    def ingest_output(self, dir_fd: int, name: str, fd: int, st: os.stat_result, *,
+                      cancel: Callable[[], bool] | None = None) -> tuple[str, int]:
+        """Store the output `name` in the scratch directory `dir_fd`, open as `fd` (fstat `st`).
+
+        The file is moved in only when it is ours alone: on the store's filesystem and
+        not hard-linked anywhere else (a link to a file outside would let that file's
+        later edits corrupt the object). It is moved by way of a private name in tmp/,
+        and what arrived there is checked to be the inode that was hashed: a name
+        swapped meanwhile (for a symlink, say) is never stored. Otherwise it is copied.
+        Not fsynced: the engine syncs once per commit batch.
+        """
+        if st.st_nlink != 1 or st.st_dev != self._tmp_dev:
+            return self._copy_in(fd, st.st_size, fsync=False, cancel=cancel)
+        digest, size = hash_fd(fd, self.algo, st.st_size, cancel)
+        dest = self.path_str(digest)
+        if _touch(dest):
+            return digest, size  # stored already; the scratch copy goes with the attempt's directory
+        hop = self.tmp_file("out")
+        os.rename(name, hop, src_dir_fd=dir_fd)
+        try:
+            arrived = os.lstat(hop)
+            if not fsutil.same_inode(arrived, st) or not stat.S_ISREG(arrived.st_mode):
+                raise OutputChanged(name)
+            os.fchmod(fd, OBJECT_MODE)
+            self._place(hop, dest)
+        except BaseException:
+            try:
+                os.unlink(hop)
+            except OSError:
+                pass
+            raise
+        return digest, size
+
+    def ingest_path(self, src: Path | str) -> tuple[str, int]:
+        """Ingest a file the store does not own (e.g. `submit FILE`): copied in, hashed on the way."""
+        try:
+            fd = os.open(src, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+        except OSError as e:
+            raise StoreError(f"{src}: cannot read: {e.strerror}") from None
+        try:
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode):
+                raise StoreError(f"{src}: not a regular file")
+            return self._copy_in(fd, st.st_size)
+        finally:
+            os.close(fd)
 
     def ingest_bytes(self, data: bytes) -> tuple[str, int]:
         tmp = self.tmp_file("bytes")
-        with open(tmp, "wb") as f:
-            f.write(data)
-        return self.ingest_owned(tmp)
-
-    def ingest_owned(self, path: Path) -> tuple[str, int]:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+        fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
         try:
-            return self.ingest_fd(fd, path)
+            _write_all(fd, data)
+            os.lseek(fd, 0, os.SEEK_SET)
+            return self.ingest_fd(fd, tmp, size=len(data))
         finally:
             os.close(fd)
+
+    def ingest_stream(self, f: BinaryIO) -> tuple[str, int]:
+        """Store what a stream (stdin) holds, hashed as it is written."""
+        return self._copy_in(f.fileno(), None)
+
+    def _copy_in(self, fd: int, size: int | None, *, fsync: bool = True,
+                 cancel: Callable[[], bool] | None = None) -> tuple[str, int]:
+        h = new_hasher(self.algo, size or 0)
+        tmp = self.tmp_file("copy")
+        out = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+        try:
+            n = 0
+            while True:
+                data = os.read(fd, CHUNK)
+                if not data:
+                    break
+                h.update(data)
+                _write_all(out, data)
+                n += len(data)
+                if cancel is not None and cancel():
+                    raise Cancelled()
+            digest = h.hexdigest()
+            dest = self.path_str(digest)
+            if _touch(dest):
+                os.unlink(tmp)
+                return digest, n
+            os.fchmod(out, OBJECT_MODE)
+            if fsync:
+                os.fsync(out)
+            self._place(tmp, dest)
+            return digest, n
+        except BaseException:
+            try:
+                os.unlink(tmp)
+            except OSError:
+                pass
+            raise
+        finally:
+            os.close(out)
 
     @cached_property
     def empty(self) -> tuple[str, int]:
@@ -174,82 +300,84 @@ class Store:
         finally:
             os.close(fd)
 
-    def tmp_file(self, label: str) -> Path:
-        return self.tmp / f"{label}-{os.getpid()}-{os.urandom(6).hex()}"
+    def tmp_file(self, label: str) -> str:
+        return f"{self.tmp}/{label}-{os.getpid()}-{os.urandom(6).hex()}"
 
-    @cached_property
-    def _shards(self) -> set[str]:
-        return set()
-
-    def _place(self, src: Path | str, dest: str) -> None:
+    def _place(self, src: str, dest: str) -> None:
         shard = os.path.dirname(dest)
         if shard not in self._shards:  # most new objects need a new shard directory: make it first
-            os.makedirs(shard, exist_ok=True)
+            fsutil.make_dirs(shard, DIR_MODE)
             self._shards.add(shard)
         try:
             os.rename(src, dest)
-        except FileNotFoundError:  # removed meanwhile (gc --force of an empty shard)
-            os.makedirs(os.path.dirname(dest), exist_ok=True)
+        except FileNotFoundError:  # the shard was removed meanwhile (gc --force of an empty shard)
+            fsutil.make_dirs(shard, DIR_MODE)
             os.rename(src, dest)
-        except OSError as e:
-            if e.errno != errno.EXDEV:
-                raise
-            tmp = self.tmp_file("xdev")
-            shutil.copyfile(src, tmp)
-            with open(tmp, "rb") as f:
-                os.fsync(f.fileno())
-            os.chmod(tmp, 0o444)
-            os.makedirs(os.path.dirname(dest), exist_ok=True)
-            os.rename(tmp, dest)
-            os.unlink(src)
 
     # -- reading ---------------------------------------------------------
 
+    def _open_fd(self, h: str) -> int:
+        try:
+            fd = os.open(self.path_str(h), os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+        except FileNotFoundError:
+            raise ObjectError(f"object {h} is missing from {self.objects}; run 'task-pipeline fsck' to see "
+                              f"what used it", h) from None
+        except OSError as e:
+            why = "is a symlink, not an object" if e.errno == errno.ELOOP else f"cannot be read: {e.strerror}"
+            raise ObjectError(f"object {h} {why} ({self.path_str(h)}); run 'task-pipeline fsck'", h) from None
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            os.close(fd)
+            raise ObjectError(f"object {h} is not a regular file ({self.path_str(h)}); run 'task-pipeline fsck'", h)
+        return fd
+
     def open(self, h: str) -> BinaryIO:
-        try:
-            return open(self.path(h), "rb")
-        except FileNotFoundError:
-            raise StoreError(f"object {h} is missing from {self.objects}; run 'task-pipeline fsck' to see what used it") from None
+        return os.fdopen(self._open_fd(h), "rb")
 
-    def copy_to(self, h: str, dest: Path) -> None:
-        """A private, read-only copy (never a hard link: a script could chmod and write through it).
-
-        copy_file_range lets the kernel copy (or share extents, where the filesystem can).
-        """
+    def copy_to_fd(self, h: str, out: int) -> int:
+        """Copy object `h` into the open file `out`, checking on the way that its bytes still hash to `h`.
+        Returns the size. Raises ObjectError (missing, or damaged)."""
+        src = self._open_fd(h)
         try:
-            src = os.open(self.path(h), os.O_RDONLY)
-        except FileNotFoundError:
-            raise StoreError(f"object {h} is missing from {self.objects}; run 'task-pipeline fsck'") from None
-        try:
-            out = os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o444)
-            try:
-                left = os.fstat(src).st_size
-                while left > 0:
-                    n = os.copy_file_range(src, out, min(left, 1 << 30))
-                    if n == 0:
-                        break
-                    left -= n
-            except OSError as e:
-                if e.errno not in (errno.EXDEV, errno.ENOSYS, errno.EOPNOTSUPP, errno.EINVAL):
-                    raise
-                os.lseek(src, 0, os.SEEK_SET)
-                os.ftruncate(out, 0)
-                with open(src, "rb", closefd=False) as fi, open(out, "wb", closefd=False) as fo:
-                    shutil.copyfileobj(fi, fo, CHUNK)
-            finally:
-                os.close(out)
+            size = os.fstat(src).st_size
+            hasher = new_hasher(self.algo, size)
+            n = 0
+            while True:
+                data = os.read(src, CHUNK)
+                if not data:
+                    break
+                hasher.update(data)
+                _write_all(out, data)
+                n += len(data)
         finally:
             os.close(src)
+        actual = hasher.hexdigest()
+        if actual != h:
+            raise ObjectError(f"object {h} is damaged: its bytes hash to {actual[:16]}...; run 'task-pipeline fsck'", h)
+        return n
 
     def stream(self, h: str, out: BinaryIO) -> None:
-        with self.open(h) as f:
-            shutil.copyfileobj(f, out, CHUNK)
+        """Write object `h` to `out`; a damaged object is an error at the end (what was written cannot be taken back)."""
+        fd = self._open_fd(h)
+        hasher = new_hasher(self.algo)
+        try:
+            while True:
+                data = os.read(fd, CHUNK)
+                if not data:
+                    break
+                hasher.update(data)
+                out.write(data)
+        finally:
+            os.close(fd)
+        actual = hasher.hexdigest()
+        if actual != h:
+            out.flush()
+            raise ObjectError(f"object {h} is damaged: its bytes hash to {actual[:16]}...; run 'task-pipeline fsck'", h)
 
     def rehash(self, h: str) -> str | None:
-        """The object's actual hash, or None if it is missing."""
+        """The object's actual hash, or None if it is missing or not a regular file."""
         try:
-            fd = os.open(self.path(h), os.O_RDONLY | os.O_NOFOLLOW)
-        except OSError:
+            fd = self._open_fd(h)
+        except ObjectError:
             return None
         try:
             return hash_fd(fd, self.algo, os.fstat(fd).st_size)[0]

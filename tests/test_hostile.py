@@ -48,7 +48,7 @@ def test_hostile_outputs_fail_the_task_naming_the_file(cli, tmp_path):
         "symlinkdir": f'ln -s {outside_dir} "$OUTPUT_DIR/done_dirlink"',
         "subdir": 'mkdir "$OUTPUT_DIR/done_sub"; echo x > "$OUTPUT_DIR/done_sub/inner"',
         "fifo": 'mkfifo "$OUTPUT_DIR/done_pipe"',
-        "socket": 'python3 -c "import socket,sys; socket.socket(socket.AF_UNIX).bind(sys.argv[1])" "$OUTPUT_DIR/done_sock"',
+        "socket": "cd \"$OUTPUT_DIR\" && python3 -c 'import socket; socket.socket(socket.AF_UNIX).bind(\"done_sock\")'",
         "notutf8": 'echo x > "$OUTPUT_DIR/$(printf "done_bad\\377name")"',
         "dotfile": 'echo x > "$OUTPUT_DIR/.done_hidden"',
         "brackets": f'ln -s {secret} "$OUTPUT_DIR/done_[bold]x[red]"',  # not markup for anyone

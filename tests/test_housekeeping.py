@@ -168,16 +168,14 @@ def test_gc_removes_unreferenced_objects_and_says_how_much_it_freed(cli):
 
 def test_gc_keeps_an_object_stored_but_not_committed_yet(cli):
     built(cli)
-    store = Store(cli.db)
+    store = Store.at(cli.db)
     orphan, _ = store.ingest_bytes(b"an old orphan\n")
     # an old orphan, which a runner then produces again (deduplicated against it, not committed yet)
     reused, _ = store.ingest_bytes(b"produced again\n")
     age_past_gc_slack()
     # an output a runner has just moved into the store; its commit is still to come
     fresh, _ = store.ingest_bytes(b"just stored\n")
-    tmp = store.tmp / "out-again"
-    tmp.write_bytes(b"produced again\n")
-    assert store.ingest_owned(tmp)[0] == reused
+    assert store.ingest_bytes(b"produced again\n")[0] == reused
     out = json.loads(cli.ok("-db", cli.db, "gc", "--json").out)
     assert out["objects_removed"] == 1 and out["kept_recent"] == 2, out
     assert not obj(cli.db, orphan).exists()
@@ -227,7 +225,7 @@ def test_gc_force_during_a_run_loses_nothing(cli, tmp_path):
         """)
     store_dir = cli.db
     cli.ok("-manifest", m, "-db", cli.db, "-run", "-step", "gen")
-    store = Store(store_dir)
+    store = Store.at(store_dir)
     for k in range(7):  # orphans identical to what the run is about to produce
         store.ingest_bytes(f"shared {k}\n".encode())
     age_past_gc_slack()
@@ -282,7 +280,7 @@ def test_the_dedup_touch_protects_an_object_in_process():
 
     with tempfile.TemporaryDirectory() as d:
         conn = state.connect(Path(d), create=True)
-        store = Store(Path(d))
+        store = Store.at(Path(d))
         store.create_dirs()
         h, _ = store.ingest_bytes(b"same\n")
         before = obj(Path(d), h).stat().st_ctime
