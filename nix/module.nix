@@ -59,6 +59,64 @@ let
     (toString cfg.parallel)
   ]
   ++ cfg.extraArgs;
+  # a file systemd reads for us: an absolute path outside the (world-readable) store
+  goodSecretPath = p: p == null || (lib.hasPrefix "/" p && !(lib.hasPrefix "${builtins.storeDir}/" p));
+
+  # Sandboxing, each set with mkDefault: a plain definition in
+  # systemd.services.task-pipeline.serviceConfig replaces it (see the README).
+  hardening = lib.mapAttrs (_: lib.mkDefault) {
+    NoNewPrivileges = true;
+    PrivateTmp = true;
+    ProtectSystem = "strict";
+    ProtectHome = true;
+    PrivateDevices = true;
+    ProtectKernelTunables = true;
+    ProtectKernelModules = true;
+    ProtectKernelLogs = true;
+    ProtectControlGroups = true;
+    ProtectClock = true;
+    ProtectHostname = true;
+    ProtectProc = "invisible";
+    ProcSubset = "pid";
+    RestrictNamespaces = true;
+    RestrictAddressFamilies = [
+      "AF_UNIX"
+      "AF_INET"
+      "AF_INET6"
+    ];
+    RestrictSUIDSGID = true;
+    RestrictRealtime = true;
+    LockPersonality = true;
+    CapabilityBoundingSet = "";
+    AmbientCapabilities = "";
+    MemoryDenyWriteExecute = cfg.memoryDenyWriteExecute;
+    SystemCallFilter = [
+      "@system-service"
+      "~@privileged @resources"
+    ];
+    # a filtered system call fails with EPERM instead of killing the script (SIGSYS)
+    SystemCallErrorNumber = "EPERM";
+    SystemCallArchitectures = "native";
+    UMask = "0027";
+  };
+
+  # Restarts back off from 5 s to 5 min; the start limit stops a unit that keeps
+  # failing (10 starts within an hour). Exit 2 (usage, manifest) and 3 (store error)
+  # are never retried: restarting cannot fix either.
+  restartPolicy = lib.mapAttrs (_: lib.mkDefault) {
+    Restart = "on-failure";
+    RestartSec = 5;
+    RestartSteps = 5;
+    RestartMaxDelaySec = 300;
+    RestartPreventExitStatus = [
+      2
+      3
+    ];
+  };
+  startLimit = lib.mapAttrs (_: lib.mkDefault) {
+    StartLimitIntervalSec = 3600;
+    StartLimitBurst = 10;
+  };
 in
 {
   options.services.task-pipeline = {
@@ -133,7 +191,35 @@ in
       example = {
         LANG = "C.UTF-8";
       };
-      description = "Environment variables for the daemon and so for every script.";
+      description = ''
+        Environment variables for the daemon and so for every script. They end up in
+        the unit file, which is world-readable in the Nix store: put secrets (API
+        tokens, passwords) in `environmentFile` instead.
+      '';
+    };
+
+    environmentFile = mkOption {
+      type = types.nullOr types.str;
+      default = null;
+      example = "/run/secrets/task-pipeline.env";
+      description = ''
+        A file of `NAME=value` lines added to the environment of the daemon and its
+        scripts (systemd's EnvironmentFile, read as root when the service starts):
+        the place for secrets. An absolute path outside the Nix store, given as a
+        string so that it is not copied there.
+      '';
+    };
+
+    memoryDenyWriteExecute = mkOption {
+      type = types.bool;
+      default = true;
+      description = ''
+        Forbid memory that is both writable and executable (systemd's
+        MemoryDenyWriteExecute) for the daemon and every script. This breaks
+        programs that compile code at run time: JITs such as node, java, LuaJIT,
+        PyPy, and some Python extensions (numba, for instance); set it to false when
+        the scripts run one of them.
+      '';
     };
 
     path = mkOption {
@@ -182,6 +268,10 @@ in
         assertion = cfg.group == null || !dynamicUser;
         message = "services.task-pipeline: `group` needs `user` to be set.";
       }
+      {
+        assertion = goodSecretPath cfg.environmentFile;
+        message = "services.task-pipeline: environmentFile must be an absolute path outside the Nix store (given as a string, not a Nix path).";
+      }
     ];
 
     environment.systemPackages = [ cfg.package ];
@@ -209,7 +299,12 @@ in
     systemd.services.task-pipeline = {
       description = "task-pipeline daemon";
       wantedBy = [ "multi-user.target" ];
-      after = [ "network.target" ];
+      # scripts (and a store on a network file system) may need the network
+      wants = [ "network-online.target" ];
+      after = [
+        "network.target"
+        "network-online.target"
+      ];
       path = [
         pkgs.bash
         pkgs.coreutils
@@ -218,46 +313,35 @@ in
       inherit (cfg) environment;
       reloadTriggers = lib.optionals (cfg.settings != null) [ generatedManifest ];
 
-      serviceConfig = {
-        ExecStart = "${lib.getExe cfg.package} ${lib.escapeShellArgs args}";
-        ExecReload = "${pkgs.coreutils}/bin/kill -HUP $MAINPID";
-        Restart = "on-failure";
-        RestartSec = 5;
-        # SIGTERM drains: running tasks get a grace period, then are re-queued.
-        KillMode = "mixed";
-        TimeoutStopSec = 120;
+      unitConfig = startLimit;
 
-        DynamicUser = dynamicUser;
-        WorkingDirectory = cfg.stateDir;
+      serviceConfig =
+        hardening
+        // restartPolicy
+        // {
+          ExecStart = "${lib.getExe cfg.package} ${lib.escapeShellArgs args}";
+          ExecReload = "${pkgs.coreutils}/bin/kill -HUP $MAINPID";
+          # SIGTERM drains: running tasks get a grace period, then are re-queued.
+          KillMode = "mixed";
+          TimeoutStopSec = 120;
 
-        NoNewPrivileges = true;
-        PrivateTmp = true;
-        ProtectSystem = "strict";
-        ProtectHome = true;
-        PrivateDevices = true;
-        ProtectKernelTunables = true;
-        ProtectKernelModules = true;
-        ProtectControlGroups = true;
-        RestrictSUIDSGID = true;
-        RestrictRealtime = true;
-        LockPersonality = true;
-        SystemCallFilter = [ "@system-service" ];
-        SystemCallArchitectures = "native";
-        UMask = "0027";
-      }
-      // (
-        if underVarLib then
-          {
-            StateDirectory = lib.removePrefix varLib cfg.stateDir;
-            StateDirectoryMode = "0750";
-          }
-        else
-          { ReadWritePaths = [ cfg.stateDir ]; }
-      )
-      // lib.optionalAttrs (!dynamicUser) {
-        User = cfg.user;
-        Group = groupName;
-      };
+          DynamicUser = dynamicUser;
+          WorkingDirectory = cfg.stateDir;
+        }
+        // lib.optionalAttrs underVarLib {
+          StateDirectory = lib.removePrefix varLib cfg.stateDir;
+          StateDirectoryMode = "0750";
+        }
+        // lib.optionalAttrs (!underVarLib) {
+          ReadWritePaths = [ cfg.stateDir ];
+        }
+        // lib.optionalAttrs (cfg.environmentFile != null) {
+          EnvironmentFile = cfg.environmentFile;
+        }
+        // lib.optionalAttrs (!dynamicUser) {
+          User = cfg.user;
+          Group = groupName;
+        };
     };
   };
 }

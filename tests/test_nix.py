@@ -170,7 +170,7 @@ def test_nix_dependencies_match_pyproject(nix: str) -> None:
 
 # 4 -------------------------------------------------------------------------------
 
-MODULE_EXPR = """
+MODULE_PRELUDE = """
 let
   lib = import STUB/lib.nix;
   system = "x86_64-linux";
@@ -178,13 +178,22 @@ let
     name = "task-pipeline-0.1.0"; inherit system; builder = "/bin/sh";
   } // { meta.mainProgram = "task-pipeline"; };
   module = import ROOT/nix/module.nix { inherit self; };
-  eval = cfg: import STUB/eval-module.nix {
+  # cfg: services.task-pipeline; extra: the rest of the user's configuration, merged
+  # with the module's config (priorities, mkIf) by the stub evaluator
+  evalWith = cfg: extra: import STUB/eval-module.nix {
     inherit lib system module;
-    config.services.task-pipeline = cfg;
+    config = extra // { services.task-pipeline = cfg; };
   };
+  eval = cfg: evalWith cfg { };
   ok = cfg: let e = eval cfg; in { inherit (e) config failedAssertions; };
+  okWith = cfg: extra: let e = evalWith cfg extra; in { inherit (e) config failedAssertions; };
+  unit = cfg: extra: (evalWith cfg extra).config.systemd.services.task-pipeline;
   asserts = cfg: (eval cfg).failedAssertions;
   fails = cfg: !(builtins.tryEval (eval cfg).check).success;
+  failsWith = cfg: extra: !(builtins.tryEval (evalWith cfg extra).check).success;
+"""
+
+MODULE_EXPR = MODULE_PRELUDE + """
   custom = {
     enable = true;
     stateDir = "/srv/task pipeline";
@@ -233,7 +242,7 @@ def test_nixos_module(nix: str) -> None:
     for key in ("NoNewPrivileges", "PrivateTmp", "ProtectHome", "PrivateDevices",
                 "ProtectKernelTunables", "ProtectControlGroups", "RestrictSUIDSGID"):
         assert sc[key] is True, key
-    assert sc["SystemCallFilter"] == ["@system-service"]
+    assert sc["SystemCallFilter"][0] == "@system-service"
     assert any(p.endswith("-bash") for p in svc["path"]), "sh must be on the scripts' PATH"
     assert basic["config"]["environment"]["systemPackages"], "the CLI should be installed"
 
@@ -265,6 +274,138 @@ def test_nixos_module(nix: str) -> None:
     assert any("needs `user`" in m for m in r["dynamicOutsideVarLib"])
     assert r["badParallel"] and r["badManifest"] and r["misspelt"]
     assert r["good"] is False
+
+
+# 4b: hardening, and how a user relaxes it ------------------------------------------
+
+# What issue "Store safety" (item 13) asks of the unit, on top of the settings above.
+HARDENING = {
+    "ProtectKernelLogs": True,
+    "ProtectClock": True,
+    "ProtectHostname": True,
+    "ProtectProc": "invisible",
+    "ProcSubset": "pid",
+    "RestrictNamespaces": True,
+    "RestrictAddressFamilies": ["AF_UNIX", "AF_INET", "AF_INET6"],
+    "CapabilityBoundingSet": "",
+    "AmbientCapabilities": "",
+    "MemoryDenyWriteExecute": True,
+    "SystemCallFilter": ["@system-service", "~@privileged @resources"],
+}
+# settings that predate it, which must be just as easy to relax
+OLDER_HARDENING = [
+    "NoNewPrivileges", "PrivateTmp", "ProtectSystem", "ProtectHome", "PrivateDevices",
+    "ProtectKernelTunables", "ProtectKernelModules", "ProtectControlGroups", "RestrictSUIDSGID",
+    "RestrictRealtime", "LockPersonality", "SystemCallArchitectures", "SystemCallErrorNumber",
+]
+
+
+def _user_value(value: object) -> object:
+    """A value no default has: what a user's plain definition sets."""
+    if isinstance(value, bool):
+        return not value
+    if isinstance(value, list):
+        return ["user-choice"]
+    return "user-choice"
+
+
+def _nix_value(value: object) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, str):
+        return nix_str(value)
+    if isinstance(value, list):
+        return "[ " + " ".join(_nix_value(v) for v in value) + " ]"
+    raise TypeError(value)
+
+
+def test_nixos_module_hardening_and_overrides(nix: str) -> None:
+    keys = list(HARDENING) + OLDER_HARDENING
+    base = nix_eval_expr(
+        MODULE_PRELUDE.replace("STUB", str(STUB)).replace("ROOT", str(ROOT))
+        + 'in unit { enable = true; manifest = "/srv/m.toml"; } { }'
+    )
+    sc = base["serviceConfig"]
+    for key, value in HARDENING.items():
+        assert sc.get(key) == value, (key, sc.get(key))
+    assert sc["SystemCallErrorNumber"] == "EPERM"  # a filtered call fails, it does not kill the script
+
+    # every hardening key, set by the user with a plain definition, wins over the module's
+    user = {k: _user_value(sc[k]) for k in keys}
+    user_nix = "{ " + " ".join(f"{k} = {_nix_value(v)};" for k, v in user.items()) + " }"
+    expr = MODULE_PRELUDE + f"""
+      cfg = {{ enable = true; manifest = "/srv/m.toml"; }};
+      plain = {{ systemd.services.task-pipeline.serviceConfig = {user_nix}; }};
+    in {{
+      relaxed = (unit cfg plain).serviceConfig;
+      # the README's examples
+      jit = (unit cfg {{ systemd.services.task-pipeline.serviceConfig.MemoryDenyWriteExecute = false; }}).serviceConfig;
+      nice = (unit cfg {{
+        systemd.services.task-pipeline.serviceConfig.SystemCallFilter = [ "@system-service" "~@privileged" ];
+      }}).serviceConfig;
+      option = (unit (cfg // {{ memoryDenyWriteExecute = false; }}) {{ }}).serviceConfig;
+      forced = (unit cfg {{
+        systemd.services.task-pipeline.serviceConfig.RestrictAddressFamilies = lib.mkForce [ "AF_UNIX" "AF_NETLINK" ];
+      }}).serviceConfig;
+      limit = (unit cfg {{ systemd.services.task-pipeline.unitConfig.StartLimitBurst = 3; }}).unitConfig;
+      # the stub merges like NixOS: two plain values of one key conflict
+      conflict = failsWith cfg {{ systemd.services.task-pipeline.serviceConfig.KillMode = "process"; }};
+      forcedKillMode = (unit cfg {{
+        systemd.services.task-pipeline.serviceConfig.KillMode = lib.mkForce "process";
+      }}).serviceConfig.KillMode;
+    }}"""
+    r = nix_eval_expr(expr.replace("STUB", str(STUB)).replace("ROOT", str(ROOT)))
+    for key in keys:
+        assert r["relaxed"][key] == user[key], (key, r["relaxed"][key])
+    assert r["relaxed"]["ExecStart"] == sc["ExecStart"]  # the rest is untouched
+    assert r["jit"]["MemoryDenyWriteExecute"] is False
+    assert r["jit"]["SystemCallFilter"] == HARDENING["SystemCallFilter"]
+    assert r["nice"]["SystemCallFilter"] == ["@system-service", "~@privileged"]
+    assert r["nice"]["MemoryDenyWriteExecute"] is True
+    assert r["option"]["MemoryDenyWriteExecute"] is False
+    assert r["forced"]["RestrictAddressFamilies"] == ["AF_UNIX", "AF_NETLINK"]
+    assert r["limit"]["StartLimitBurst"] == 3
+    assert r["conflict"] is True
+    assert r["forcedKillMode"] == "process"
+
+
+# 4c: restarts, ordering, secrets -------------------------------------------------
+
+RESTART_EXPR = MODULE_PRELUDE + """
+  sqlite = { enable = true; manifest = "/srv/m.toml"; };
+in {
+  sqlite = ok (sqlite // { environmentFile = "/run/secrets/tp.env"; environment.LANG = "C"; });
+  envFileInStore = asserts (sqlite // { environmentFile = "${builtins.storeDir}/abc-env"; });
+  envFileRelative = asserts (sqlite // { environmentFile = "secrets.env"; });
+  envFileNixPath = fails (sqlite // { environmentFile = ./.; });
+}
+"""
+
+
+def test_nixos_module_restarts_and_secrets(nix: str) -> None:
+    r = nix_eval_expr(RESTART_EXPR.replace("STUB", str(STUB)).replace("ROOT", str(ROOT)))
+
+    sqlite = r["sqlite"]
+    assert sqlite["failedAssertions"] == []
+    svc = sqlite["config"]["systemd"]["services"]["task-pipeline"]
+    sc = svc["serviceConfig"]
+    # exit 2 (usage, manifest) and 3 (store error) cannot be fixed by restarting
+    assert sc["Restart"] == "on-failure"
+    assert sorted(sc["RestartPreventExitStatus"]) == [2, 3]
+    # and whatever else keeps failing stops: a start limit, reachable with the backoff
+    unit = svc["unitConfig"]
+    interval, burst = unit["StartLimitIntervalSec"], unit["StartLimitBurst"]
+    assert isinstance(burst, int) and burst >= 2 and isinstance(interval, int) and interval > 0
+    assert sc["RestartMaxDelaySec"] * (burst - 1) < interval, "the restart delay outruns the start limit"
+    assert "network-online.target" in svc["wants"] and "network-online.target" in svc["after"]
+    # secrets go in a file that systemd reads; the environment stays as given
+    assert sc["EnvironmentFile"] == "/run/secrets/tp.env"
+    assert svc["environment"] == {"LANG": "C"}
+    assert any("outside the Nix store" in m for m in r["envFileInStore"])
+    assert any("outside the Nix store" in m for m in r["envFileRelative"])
+    assert r["envFileNixPath"] is True  # a Nix path would be copied to the store
 
 
 # 5 -------------------------------------------------------------------------------
