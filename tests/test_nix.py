@@ -371,21 +371,50 @@ def test_nixos_module_hardening_and_overrides(nix: str) -> None:
     assert r["forcedKillMode"] == "process"
 
 
-# 4c: restarts, ordering, secrets -------------------------------------------------
+# 4c: restarts, ordering, secrets, the shared PostgreSQL store ---------------------
 
-RESTART_EXPR = MODULE_PRELUDE + """
+POSTGRES_EXPR = MODULE_PRELUDE + """
+  url = "postgresql://tp@db.example.org:5432/tp";
+  pg = {
+    enable = true;
+    manifest = "/srv/m.toml";
+    user = "task-pipeline";
+    database.url = url;
+    database.passwordFile = "/run/secrets/tp-db-password";
+    objects = "/mnt/objects";
+  };
   sqlite = { enable = true; manifest = "/srv/m.toml"; };
 in {
   sqlite = ok (sqlite // { environmentFile = "/run/secrets/tp.env"; environment.LANG = "C"; });
+  pg = ok pg;
+  pgScratch = ok (pg // { scratchDir = "/var/cache/tp scratch"; parallel = 2; });
+  pgLocal = ok (pg // { database.url = "postgresql://tp@localhost/tp"; });
+  pgSocket = ok (pg // { database.url = "postgres:///tp?host=/run/postgresql"; });
+  pgIPv6 = ok (pg // { database.url = "postgresql://tp@[::1]:5432/tp"; });
+  pgLoopback = ok (pg // { database.url = "postgres://127.0.0.1/tp"; });
+  pgPercent = ok (pg // { database.url = "postgresql://tp@db/tp?options=-c%20x"; });
+  pgObjectsInState = ok (pg // { objects = "/var/lib/task-pipeline/objects"; user = null; });
+  sqliteObjects = ok (sqlite // { objects = "/srv/objects"; user = "task-pipeline"; });
+  noObjects = asserts (builtins.removeAttrs pg [ "objects" ]);
+  passwordInUrl = asserts (pg // { database.url = "postgresql://tp:hunter2@db/tp"; });
+  passwordInQuery = asserts (pg // { database.url = "postgresql://tp@db/tp?password=hunter2"; });
+  notPostgres = asserts (pg // { database.url = "mysql://tp@db/tp"; });
+  passwordInStore = asserts (pg // { database.passwordFile = "${builtins.storeDir}/abc-pw"; });
+  passwordNixPath = fails (pg // { database.passwordFile = ./.; });
+  passwordWithoutUrl = asserts (sqlite // { database.passwordFile = "/run/secrets/pw"; });
   envFileInStore = asserts (sqlite // { environmentFile = "${builtins.storeDir}/abc-env"; });
   envFileRelative = asserts (sqlite // { environmentFile = "secrets.env"; });
   envFileNixPath = fails (sqlite // { environmentFile = ./.; });
+  relativeObjects = asserts (pg // { objects = "objects"; });
+  s3Objects = ok (pg // { objects = "s3://bucket/prefix"; });
+  dynamicObjects = asserts (pg // { user = null; });
+  dynamicScratch = asserts (sqlite // { scratchDir = "/srv/scratch"; });
 }
 """
 
 
 def test_nixos_module_restarts_and_secrets(nix: str) -> None:
-    r = nix_eval_expr(RESTART_EXPR.replace("STUB", str(STUB)).replace("ROOT", str(ROOT)))
+    r = nix_eval_expr(POSTGRES_EXPR.replace("STUB", str(STUB)).replace("ROOT", str(ROOT)))
 
     sqlite = r["sqlite"]
     assert sqlite["failedAssertions"] == []
@@ -400,12 +429,80 @@ def test_nixos_module_restarts_and_secrets(nix: str) -> None:
     assert isinstance(burst, int) and burst >= 2 and isinstance(interval, int) and interval > 0
     assert sc["RestartMaxDelaySec"] * (burst - 1) < interval, "the restart delay outruns the start limit"
     assert "network-online.target" in svc["wants"] and "network-online.target" in svc["after"]
+    assert "postgresql.service" not in svc["after"] + svc["wants"]
     # secrets go in a file that systemd reads; the environment stays as given
     assert sc["EnvironmentFile"] == "/run/secrets/tp.env"
     assert svc["environment"] == {"LANG": "C"}
+    assert "LoadCredential" not in sc and "RequiresMountsFor" not in unit
+    assert "--objects" not in sc["ExecStart"] and "--scratch" not in sc["ExecStart"]
+
+    pg = r["pg"]
+    assert pg["failedAssertions"] == []
+    svc = pg["config"]["systemd"]["services"]["task-pipeline"]
+    sc = svc["serviceConfig"]
+    argv = shlex.split(sc["ExecStart"])
+    assert argv[1:] == [
+        "serve", "-manifest", "/srv/m.toml", "-db", "postgresql://tp@db.example.org:5432/tp",
+        "--objects", "/mnt/objects", "--scratch", "/var/lib/task-pipeline/tmp",
+    ]
+    assert sc["LoadCredential"] == ["db-password:/run/secrets/tp-db-password"]
+    assert svc["environment"] == {"TASK_PIPELINE_DB_PASSWORD_FILE": "%d/db-password"}
+    assert not any("/run/secrets/tp-db-password" in v for v in svc["environment"].values())
+    assert "/run/secrets/tp-db-password" not in sc["ExecStart"]
+    assert sc["ReadWritePaths"] == ["/mnt/objects"]
+    assert svc["unitConfig"]["RequiresMountsFor"] == ["/mnt/objects"]
+    assert sc["StateDirectory"] == "task-pipeline" and sc["WorkingDirectory"] == "/var/lib/task-pipeline"
+    # a lost connection (exit 3 too) passes: retried, within the start limit
+    assert sc["RestartPreventExitStatus"] == [2]
+    assert "network-online.target" in svc["wants"] and "network-online.target" in svc["after"]
+    assert "postgresql.service" not in svc["after"] + svc["wants"], "the database is on another host"
+
+    sc = r["pgScratch"]["config"]["systemd"]["services"]["task-pipeline"]["serviceConfig"]
+    argv = shlex.split(sc["ExecStart"])
+    assert argv[argv.index("--scratch") + 1] == "/var/cache/tp scratch"
+    assert argv[-2:] == ["-parallel", "2"]
+    assert sc["ReadWritePaths"] == ["/mnt/objects", "/var/cache/tp scratch"]
+    assert r["pgScratch"]["config"]["systemd"]["tmpfiles"]["rules"] == [
+        "d /var/cache/tp scratch 0750 task-pipeline task-pipeline - -"
+    ]
+
+    for local in ("pgLocal", "pgSocket", "pgIPv6", "pgLoopback"):
+        svc = r[local]["config"]["systemd"]["services"]["task-pipeline"]
+        assert r[local]["failedAssertions"] == [], local
+        assert "postgresql.service" in svc["after"] and "postgresql.service" in svc["wants"], local
+        assert "network-online.target" in svc["after"], local
+
+    # systemd would expand %2 itself: the URL reaches the daemon as written
+    start = r["pgPercent"]["config"]["systemd"]["services"]["task-pipeline"]["serviceConfig"]["ExecStart"]
+    assert "options=-c%%20x" in start and re.search("(?<!%)%20", start) is None
+
+    # objects in the state directory: nothing to add, and a DynamicUser is fine
+    assert r["pgObjectsInState"]["failedAssertions"] == []
+    sc = r["pgObjectsInState"]["config"]["systemd"]["services"]["task-pipeline"]["serviceConfig"]
+    assert "ReadWritePaths" not in sc and sc["DynamicUser"] is True
+    # objects elsewhere with the SQLite store
+    sc = r["sqliteObjects"]["config"]["systemd"]["services"]["task-pipeline"]["serviceConfig"]
+    argv = shlex.split(sc["ExecStart"])
+    assert argv[argv.index("-db") + 1] == "/var/lib/task-pipeline"
+    assert argv[argv.index("--objects") + 1] == "/srv/objects" and "--scratch" not in argv
+    assert sc["ReadWritePaths"] == ["/srv/objects"]
+
+    assert any("needs `objects`" in m for m in r["noObjects"])
+    assert any("must not contain a password" in m for m in r["passwordInUrl"])
+    assert any("must not contain a password" in m for m in r["passwordInQuery"])
+    assert any("postgresql://" in m for m in r["notPostgres"])
+    assert any("outside the Nix store" in m for m in r["passwordInStore"])
+    assert r["passwordNixPath"] is True  # a Nix path would be copied to the store
+    assert any("needs database.url" in m for m in r["passwordWithoutUrl"])
     assert any("outside the Nix store" in m for m in r["envFileInStore"])
     assert any("outside the Nix store" in m for m in r["envFileRelative"])
-    assert r["envFileNixPath"] is True  # a Nix path would be copied to the store
+    assert r["envFileNixPath"] is True
+    assert any("absolute path or a URL" in m for m in r["relativeObjects"])
+    assert r["s3Objects"]["failedAssertions"] == []
+    sc = r["s3Objects"]["config"]["systemd"]["services"]["task-pipeline"]["serviceConfig"]
+    assert "ReadWritePaths" not in sc and "s3://bucket/prefix" in shlex.split(sc["ExecStart"])
+    assert any("need `user`" in m for m in r["dynamicObjects"])
+    assert any("needs `user`" in m for m in r["dynamicScratch"])
 
 
 # 5 -------------------------------------------------------------------------------
