@@ -505,6 +505,31 @@ def test_nixos_module_restarts_and_secrets(nix: str) -> None:
     assert any("needs `user`" in m for m in r["dynamicScratch"])
 
 
+# 4d: the NixOS VM tests cannot run here (KVM, the real nixpkgs), but their scripts
+# must at least compile as Python and drive every machine they declare -------------
+
+
+def test_vm_test_scripts_compile(nix: str) -> None:
+    tests = nix_eval_expr(
+        MODULE_PRELUDE.replace("STUB", str(STUB)).replace("ROOT", str(ROOT))
+        + """
+          self' = self // { nixosModules.default = module; };
+          load = f: let t = import f { self = self'; }; in {
+            inherit (t) name testScript;
+            nodes = builtins.attrNames t.nodes;
+          };
+        in map load [ ROOT/nix/vm-test.nix ROOT/nix/vm-test-multinode.nix ]
+        """.replace("ROOT", str(ROOT))
+    )
+    assert len(tests) == 2
+    for t in tests:
+        code = compile(t["testScript"], t["name"], "exec")
+        names = set(code.co_names)
+        for node in t["nodes"]:
+            assert node in names, f"{t['name']}: node {node} is never used"
+        assert "start_all" in names or all(n in names for n in t["nodes"])
+
+
 # 5 -------------------------------------------------------------------------------
 
 AWKWARD = [
