@@ -70,6 +70,8 @@
       checks = forAllSystems (pkgs: {
         package = self.packages.${pkgs.stdenv.hostPlatform.system}.default;
         vm-test = pkgs.testers.runNixOSTest (import ./nix/vm-test.nix { inherit self; });
+        # two workers, PostgreSQL and NFS on a third machine
+        vm-test-multinode = pkgs.testers.runNixOSTest (import ./nix/vm-test-multinode.nix { inherit self; });
       });
     };
 }

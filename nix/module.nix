@@ -47,18 +47,134 @@ let
   dynamicUser = cfg.user == null;
   groupName = if cfg.group == null then cfg.user else cfg.group;
 
+  # --- the store: SQLite in stateDir, or PostgreSQL with objects elsewhere ---
+  dbUrl = cfg.database.url;
+  usePostgres = dbUrl != null;
+  isLocalPath = p: lib.hasPrefix "/" p;
+  insideStateDir = p: p == cfg.stateDir || lib.hasPrefix "${cfg.stateDir}/" p;
+  inStore = p: lib.hasPrefix "${builtins.storeDir}/" p;
+  # a file systemd reads for us: an absolute path outside the (world-readable) store
+  goodSecretPath = p: p == null || (isLocalPath p && !(inStore p));
+  objectsLocal = cfg.objects != null && isLocalPath cfg.objects;
+  # the daemon's default for a directory store is <stateDir>/tmp; PostgreSQL needs it said
+  scratch =
+    if cfg.scratchDir != null then
+      cfg.scratchDir
+    else if usePostgres then
+      "${cfg.stateDir}/tmp"
+    else
+      null;
+  scratchOutside = cfg.scratchDir != null && !(insideStateDir cfg.scratchDir);
+
+  # postgresql://[user@]host[:port]/db or postgres://...; the host, or null if not a URL
+  urlParts = if usePostgres then builtins.match "postgres(ql)?://(([^/?#@]*)@)?([^/?#]*)(.*)" dbUrl else null;
+  urlUserInfo = if urlParts == null then null else builtins.elemAt urlParts 2;
+  urlHostPort = if urlParts == null then "" else builtins.elemAt urlParts 3;
+  urlHost =
+    let
+      bracketed = builtins.match "(\\[[^]]*]).*" urlHostPort;
+    in
+    if bracketed != null then builtins.head bracketed else builtins.head (builtins.match "([^:]*).*" urlHostPort);
+  urlHasPassword =
+    usePostgres
+    && (
+      (urlUserInfo != null && builtins.match ".*:.*" urlUserInfo != null)
+      || builtins.match ".*[?&]password=.*" dbUrl != null
+    );
+  # the database runs on this machine: order the unit after it
+  localDatabase =
+    urlParts != null
+    && (
+      builtins.elem urlHost [
+        ""
+        "localhost"
+        "127.0.0.1"
+        "[::1]"
+      ]
+      || builtins.match ".*[?&]host=/.*" dbUrl != null
+    );
+
   args = [
     "serve"
     "-manifest"
     manifestPath
     "-db"
-    cfg.stateDir
+    (if usePostgres then dbUrl else cfg.stateDir)
+  ]
+  ++ lib.optionals (cfg.objects != null) [
+    "--objects"
+    cfg.objects
+  ]
+  ++ lib.optionals (scratch != null) [
+    "--scratch"
+    scratch
   ]
   ++ lib.optionals (cfg.parallel != null) [
     "-parallel"
     (toString cfg.parallel)
   ]
   ++ cfg.extraArgs;
+  # systemd expands %-specifiers and $VARIABLES in ExecStart: doubled, they arrive as written
+  escapeSystemd = builtins.replaceStrings [ "%" "$" ] [ "%%" "$$" ];
+
+  readWritePaths =
+    lib.optional (!underVarLib) cfg.stateDir
+    ++ lib.optional (objectsLocal && !(insideStateDir cfg.objects)) cfg.objects
+    ++ lib.optional scratchOutside cfg.scratchDir;
+
+  # Sandboxing, each set with mkDefault: a plain definition in
+  # systemd.services.task-pipeline.serviceConfig replaces it (see the README).
+  hardening = lib.mapAttrs (_: lib.mkDefault) {
+    NoNewPrivileges = true;
+    PrivateTmp = true;
+    ProtectSystem = "strict";
+    ProtectHome = true;
+    PrivateDevices = true;
+    ProtectKernelTunables = true;
+    ProtectKernelModules = true;
+    ProtectKernelLogs = true;
+    ProtectControlGroups = true;
+    ProtectClock = true;
+    ProtectHostname = true;
+    ProtectProc = "invisible";
+    ProcSubset = "pid";
+    RestrictNamespaces = true;
+    RestrictAddressFamilies = [
+      "AF_UNIX"
+      "AF_INET"
+      "AF_INET6"
+    ];
+    RestrictSUIDSGID = true;
+    RestrictRealtime = true;
+    LockPersonality = true;
+    CapabilityBoundingSet = "";
+    AmbientCapabilities = "";
+    MemoryDenyWriteExecute = cfg.memoryDenyWriteExecute;
+    SystemCallFilter = [
+      "@system-service"
+      "~@privileged @resources"
+    ];
+    # a filtered system call fails with EPERM instead of killing the script (SIGSYS)
+    SystemCallErrorNumber = "EPERM";
+    SystemCallArchitectures = "native";
+    UMask = "0027";
+  };
+
+  # Restarts back off from 5 s to 5 min; the start limit stops a unit that keeps
+  # failing (10 starts within an hour). Exit 2 (usage, manifest) is never retried,
+  # nor exit 3 (store error) with the SQLite store. With PostgreSQL, exit 3 may be a
+  # lost connection or an NFS hiccup that passes, so it is retried within the limit.
+  restartPolicy = lib.mapAttrs (_: lib.mkDefault) {
+    Restart = "on-failure";
+    RestartSec = 5;
+    RestartSteps = 5;
+    RestartMaxDelaySec = 300;
+    RestartPreventExitStatus = [ 2 ] ++ lib.optional (!usePostgres) 3;
+  };
+  startLimit = lib.mapAttrs (_: lib.mkDefault) {
+    StartLimitIntervalSec = 3600;
+    StartLimitBurst = 10;
+  };
 in
 {
   options.services.task-pipeline = {
@@ -108,9 +224,62 @@ in
       type = types.str;
       default = "/var/lib/task-pipeline";
       description = ''
-        The store (`-db`): SQLite database and objects. Under /var/lib it is managed
-        by systemd (StateDirectory); elsewhere it is created by tmpfiles and needs
-        `user` to be set.
+        The local state directory: the store (`-db`: SQLite database and objects)
+        when `database.url` is null; with PostgreSQL, the working directory and the
+        default scratch space. Under /var/lib it is managed by systemd
+        (StateDirectory); elsewhere it is created by tmpfiles and needs `user` to be set.
+      '';
+    };
+
+    database = {
+      url = mkOption {
+        type = types.nullOr types.str;
+        default = null;
+        example = "postgresql://task-pipeline@db.example.org:5432/task-pipeline";
+        description = ''
+          A PostgreSQL database shared by every host that works on the same queue
+          (`-db URL`, `postgresql://` or `postgres://`). null keeps the SQLite store in
+          `stateDir`. The URL is world-readable in the Nix store: it must not hold a
+          password; use `database.passwordFile`. Needs `objects`.
+        '';
+      };
+
+      passwordFile = mkOption {
+        type = types.nullOr types.str;
+        default = null;
+        example = "/run/secrets/task-pipeline-db";
+        description = ''
+          A file holding just the database password, as an absolute path outside the
+          Nix store (a string, so that it is not copied there), e.g. written by
+          agenix or sops-nix. systemd reads it as root and hands it to the daemon as
+          the credential `db-password` (`LoadCredential`), whose path is in
+          `TASK_PIPELINE_DB_PASSWORD_FILE`: it works with a DynamicUser, and the file
+          can stay readable by root only.
+        '';
+      };
+    };
+
+    objects = mkOption {
+      type = types.nullOr types.str;
+      default = null;
+      example = "/mnt/task-pipeline-objects";
+      description = ''
+        Where objects live (`--objects`): a directory every host can reach (an NFS
+        mount, for instance). Required with `database.url`; null means
+        `stateDir/objects` for the SQLite store. A local path outside `stateDir`
+        must exist and be writable by `user` (with the same uid on every host when it
+        is shared); it is added to ReadWritePaths, and the unit waits for its mount
+        (RequiresMountsFor).
+      '';
+    };
+
+    scratchDir = mkOption {
+      type = types.nullOr types.str;
+      default = null;
+      example = "/var/cache/task-pipeline";
+      description = ''
+        Local scratch space for running tasks (`--scratch`), one per host; null means
+        `stateDir/tmp`. Outside `stateDir` it is created by tmpfiles and needs `user`.
       '';
     };
 
@@ -133,7 +302,35 @@ in
       example = {
         LANG = "C.UTF-8";
       };
-      description = "Environment variables for the daemon and so for every script.";
+      description = ''
+        Environment variables for the daemon and so for every script. They end up in
+        the unit file, which is world-readable in the Nix store: put secrets (API
+        tokens, passwords) in `environmentFile` instead.
+      '';
+    };
+
+    environmentFile = mkOption {
+      type = types.nullOr types.str;
+      default = null;
+      example = "/run/secrets/task-pipeline.env";
+      description = ''
+        A file of `NAME=value` lines added to the environment of the daemon and its
+        scripts (systemd's EnvironmentFile, read as root when the service starts):
+        the place for secrets. An absolute path outside the Nix store, given as a
+        string so that it is not copied there.
+      '';
+    };
+
+    memoryDenyWriteExecute = mkOption {
+      type = types.bool;
+      default = true;
+      description = ''
+        Forbid memory that is both writable and executable (systemd's
+        MemoryDenyWriteExecute) for the daemon and every script. This breaks
+        programs that compile code at run time: JITs such as node, java, LuaJIT,
+        PyPy, and some Python extensions (numba, for instance); set it to false when
+        the scripts run one of them.
+      '';
     };
 
     path = mkOption {
@@ -182,6 +379,42 @@ in
         assertion = cfg.group == null || !dynamicUser;
         message = "services.task-pipeline: `group` needs `user` to be set.";
       }
+      {
+        assertion = !usePostgres || urlParts != null;
+        message = "services.task-pipeline: database.url must start with postgresql:// or postgres:// (got ${toString dbUrl}).";
+      }
+      {
+        assertion = !urlHasPassword;
+        message = "services.task-pipeline: database.url must not contain a password (it would be world-readable in the Nix store); use database.passwordFile.";
+      }
+      {
+        assertion = !usePostgres || cfg.objects != null;
+        message = "services.task-pipeline: database.url needs `objects` to be set: a directory every host can reach, where the objects live.";
+      }
+      {
+        assertion = cfg.database.passwordFile == null || usePostgres;
+        message = "services.task-pipeline: database.passwordFile needs database.url to be set.";
+      }
+      {
+        assertion = goodSecretPath cfg.database.passwordFile && goodSecretPath cfg.environmentFile;
+        message = "services.task-pipeline: database.passwordFile and environmentFile must be absolute paths outside the Nix store (given as strings, not Nix paths).";
+      }
+      {
+        assertion = cfg.objects == null || objectsLocal || builtins.match "[a-z][a-z0-9+.-]*://.+" cfg.objects != null;
+        message = "services.task-pipeline: `objects` must be an absolute path or a URL (got ${toString cfg.objects}).";
+      }
+      {
+        assertion = !(objectsLocal && !(insideStateDir cfg.objects) && dynamicUser);
+        message = "services.task-pipeline: objects outside stateDir (${toString cfg.objects}) need `user` to be set (a DynamicUser cannot own them; give the user the same uid on every host).";
+      }
+      {
+        assertion = cfg.scratchDir == null || isLocalPath cfg.scratchDir;
+        message = "services.task-pipeline: scratchDir must be an absolute path.";
+      }
+      {
+        assertion = !(scratchOutside && dynamicUser);
+        message = "services.task-pipeline: a scratchDir outside stateDir (${toString cfg.scratchDir}) needs `user` to be set.";
+      }
     ];
 
     environment.systemPackages = [ cfg.package ];
@@ -202,62 +435,77 @@ in
       task-pipeline = { };
     };
 
-    systemd.tmpfiles.rules = lib.optionals (!underVarLib && !dynamicUser) [
-      "d ${cfg.stateDir} 0750 ${cfg.user} ${groupName} - -"
-    ];
+    systemd.tmpfiles.rules =
+      lib.optionals (!underVarLib && !dynamicUser) [
+        "d ${cfg.stateDir} 0750 ${cfg.user} ${groupName} - -"
+      ]
+      ++ lib.optionals (scratchOutside && !dynamicUser) [
+        "d ${cfg.scratchDir} 0750 ${cfg.user} ${groupName} - -"
+      ];
 
     systemd.services.task-pipeline = {
       description = "task-pipeline daemon";
       wantedBy = [ "multi-user.target" ];
-      after = [ "network.target" ];
+      # network-online: a shared database or objects on NFS must be reachable
+      wants = [ "network-online.target" ] ++ lib.optional localDatabase "postgresql.service";
+      after = [
+        "network.target"
+        "network-online.target"
+      ]
+      ++ lib.optionals localDatabase [
+        "postgresql.service"
+        # nixpkgs >= 25.11: the database and its ensureUsers/ensureDatabases are ready
+        "postgresql.target"
+      ];
       path = [
         pkgs.bash
         pkgs.coreutils
       ]
       ++ cfg.path;
-      inherit (cfg) environment;
+      environment =
+        cfg.environment
+        // lib.optionalAttrs (cfg.database.passwordFile != null) {
+          # %d: the unit's credentials directory (systemd expands it)
+          TASK_PIPELINE_DB_PASSWORD_FILE = "%d/db-password";
+        };
       reloadTriggers = lib.optionals (cfg.settings != null) [ generatedManifest ];
 
-      serviceConfig = {
-        ExecStart = "${lib.getExe cfg.package} ${lib.escapeShellArgs args}";
-        ExecReload = "${pkgs.coreutils}/bin/kill -HUP $MAINPID";
-        Restart = "on-failure";
-        RestartSec = 5;
-        # SIGTERM drains: running tasks get a grace period, then are re-queued.
-        KillMode = "mixed";
-        TimeoutStopSec = 120;
+      unitConfig =
+        startLimit
+        // lib.optionalAttrs objectsLocal {
+          RequiresMountsFor = [ cfg.objects ];
+        };
 
-        DynamicUser = dynamicUser;
-        WorkingDirectory = cfg.stateDir;
+      serviceConfig =
+        hardening
+        // restartPolicy
+        // {
+          ExecStart = "${lib.getExe cfg.package} ${escapeSystemd (lib.escapeShellArgs args)}";
+          ExecReload = "${pkgs.coreutils}/bin/kill -HUP $MAINPID";
+          # SIGTERM drains: running tasks get a grace period, then are re-queued.
+          KillMode = "mixed";
+          TimeoutStopSec = 120;
 
-        NoNewPrivileges = true;
-        PrivateTmp = true;
-        ProtectSystem = "strict";
-        ProtectHome = true;
-        PrivateDevices = true;
-        ProtectKernelTunables = true;
-        ProtectKernelModules = true;
-        ProtectControlGroups = true;
-        RestrictSUIDSGID = true;
-        RestrictRealtime = true;
-        LockPersonality = true;
-        SystemCallFilter = [ "@system-service" ];
-        SystemCallArchitectures = "native";
-        UMask = "0027";
-      }
-      // (
-        if underVarLib then
-          {
-            StateDirectory = lib.removePrefix varLib cfg.stateDir;
-            StateDirectoryMode = "0750";
-          }
-        else
-          { ReadWritePaths = [ cfg.stateDir ]; }
-      )
-      // lib.optionalAttrs (!dynamicUser) {
-        User = cfg.user;
-        Group = groupName;
-      };
+          DynamicUser = dynamicUser;
+          WorkingDirectory = cfg.stateDir;
+        }
+        // lib.optionalAttrs underVarLib {
+          StateDirectory = lib.removePrefix varLib cfg.stateDir;
+          StateDirectoryMode = "0750";
+        }
+        // lib.optionalAttrs (readWritePaths != [ ]) {
+          ReadWritePaths = readWritePaths;
+        }
+        // lib.optionalAttrs (cfg.environmentFile != null) {
+          EnvironmentFile = cfg.environmentFile;
+        }
+        // lib.optionalAttrs (cfg.database.passwordFile != null) {
+          LoadCredential = [ "db-password:${cfg.database.passwordFile}" ];
+        }
+        // lib.optionalAttrs (!dynamicUser) {
+          User = cfg.user;
+          Group = groupName;
+        };
     };
   };
 }

@@ -98,10 +98,14 @@ in
 
     with subtest("the service starts hardened"):
         machine.wait_for_unit("task-pipeline.service")
-        show = machine.succeed("systemctl show task-pipeline -p ProtectSystem -p NoNewPrivileges -p User")
-        assert "ProtectSystem=strict" in show, show
-        assert "NoNewPrivileges=yes" in show, show
-        assert "User=task-pipeline" in show, show
+        show = machine.succeed(
+            "systemctl show task-pipeline -p ProtectSystem -p NoNewPrivileges -p User"
+            " -p ProtectClock -p ProtectProc -p ProcSubset -p MemoryDenyWriteExecute"
+        )
+        for line in ("ProtectSystem=strict", "NoNewPrivileges=yes", "User=task-pipeline", "ProtectClock=yes",
+                     "ProtectProc=invisible", "ProcSubset=pid", "MemoryDenyWriteExecute=yes"):
+            assert line in show, show
+        assert "network-online.target" in machine.succeed("systemctl show -p After --value task-pipeline")
 
     with subtest("a submitted input is processed"):
         # the daemon registers the manifest just after it starts: retry until it has

@@ -170,7 +170,7 @@ def test_nix_dependencies_match_pyproject(nix: str) -> None:
 
 # 4 -------------------------------------------------------------------------------
 
-MODULE_EXPR = """
+MODULE_PRELUDE = """
 let
   lib = import STUB/lib.nix;
   system = "x86_64-linux";
@@ -178,13 +178,22 @@ let
     name = "task-pipeline-0.1.0"; inherit system; builder = "/bin/sh";
   } // { meta.mainProgram = "task-pipeline"; };
   module = import ROOT/nix/module.nix { inherit self; };
-  eval = cfg: import STUB/eval-module.nix {
+  # cfg: services.task-pipeline; extra: the rest of the user's configuration, merged
+  # with the module's config (priorities, mkIf) by the stub evaluator
+  evalWith = cfg: extra: import STUB/eval-module.nix {
     inherit lib system module;
-    config.services.task-pipeline = cfg;
+    config = extra // { services.task-pipeline = cfg; };
   };
+  eval = cfg: evalWith cfg { };
   ok = cfg: let e = eval cfg; in { inherit (e) config failedAssertions; };
+  okWith = cfg: extra: let e = evalWith cfg extra; in { inherit (e) config failedAssertions; };
+  unit = cfg: extra: (evalWith cfg extra).config.systemd.services.task-pipeline;
   asserts = cfg: (eval cfg).failedAssertions;
   fails = cfg: !(builtins.tryEval (eval cfg).check).success;
+  failsWith = cfg: extra: !(builtins.tryEval (evalWith cfg extra).check).success;
+"""
+
+MODULE_EXPR = MODULE_PRELUDE + """
   custom = {
     enable = true;
     stateDir = "/srv/task pipeline";
@@ -233,7 +242,7 @@ def test_nixos_module(nix: str) -> None:
     for key in ("NoNewPrivileges", "PrivateTmp", "ProtectHome", "PrivateDevices",
                 "ProtectKernelTunables", "ProtectControlGroups", "RestrictSUIDSGID"):
         assert sc[key] is True, key
-    assert sc["SystemCallFilter"] == ["@system-service"]
+    assert sc["SystemCallFilter"][0] == "@system-service"
     assert any(p.endswith("-bash") for p in svc["path"]), "sh must be on the scripts' PATH"
     assert basic["config"]["environment"]["systemPackages"], "the CLI should be installed"
 
@@ -265,6 +274,260 @@ def test_nixos_module(nix: str) -> None:
     assert any("needs `user`" in m for m in r["dynamicOutsideVarLib"])
     assert r["badParallel"] and r["badManifest"] and r["misspelt"]
     assert r["good"] is False
+
+
+# 4b: hardening, and how a user relaxes it ------------------------------------------
+
+# What issue "Store safety" (item 13) asks of the unit, on top of the settings above.
+HARDENING = {
+    "ProtectKernelLogs": True,
+    "ProtectClock": True,
+    "ProtectHostname": True,
+    "ProtectProc": "invisible",
+    "ProcSubset": "pid",
+    "RestrictNamespaces": True,
+    "RestrictAddressFamilies": ["AF_UNIX", "AF_INET", "AF_INET6"],
+    "CapabilityBoundingSet": "",
+    "AmbientCapabilities": "",
+    "MemoryDenyWriteExecute": True,
+    "SystemCallFilter": ["@system-service", "~@privileged @resources"],
+}
+# settings that predate it, which must be just as easy to relax
+OLDER_HARDENING = [
+    "NoNewPrivileges", "PrivateTmp", "ProtectSystem", "ProtectHome", "PrivateDevices",
+    "ProtectKernelTunables", "ProtectKernelModules", "ProtectControlGroups", "RestrictSUIDSGID",
+    "RestrictRealtime", "LockPersonality", "SystemCallArchitectures", "SystemCallErrorNumber",
+]
+
+
+def _user_value(value: object) -> object:
+    """A value no default has: what a user's plain definition sets."""
+    if isinstance(value, bool):
+        return not value
+    if isinstance(value, list):
+        return ["user-choice"]
+    return "user-choice"
+
+
+def _nix_value(value: object) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, str):
+        return nix_str(value)
+    if isinstance(value, list):
+        return "[ " + " ".join(_nix_value(v) for v in value) + " ]"
+    raise TypeError(value)
+
+
+def test_nixos_module_hardening_and_overrides(nix: str) -> None:
+    keys = list(HARDENING) + OLDER_HARDENING
+    base = nix_eval_expr(
+        MODULE_PRELUDE.replace("STUB", str(STUB)).replace("ROOT", str(ROOT))
+        + 'in unit { enable = true; manifest = "/srv/m.toml"; } { }'
+    )
+    sc = base["serviceConfig"]
+    for key, value in HARDENING.items():
+        assert sc.get(key) == value, (key, sc.get(key))
+    assert sc["SystemCallErrorNumber"] == "EPERM"  # a filtered call fails, it does not kill the script
+
+    # every hardening key, set by the user with a plain definition, wins over the module's
+    user = {k: _user_value(sc[k]) for k in keys}
+    user_nix = "{ " + " ".join(f"{k} = {_nix_value(v)};" for k, v in user.items()) + " }"
+    expr = MODULE_PRELUDE + f"""
+      cfg = {{ enable = true; manifest = "/srv/m.toml"; }};
+      plain = {{ systemd.services.task-pipeline.serviceConfig = {user_nix}; }};
+    in {{
+      relaxed = (unit cfg plain).serviceConfig;
+      # the README's examples
+      jit = (unit cfg {{ systemd.services.task-pipeline.serviceConfig.MemoryDenyWriteExecute = false; }}).serviceConfig;
+      nice = (unit cfg {{
+        systemd.services.task-pipeline.serviceConfig.SystemCallFilter = [ "@system-service" "~@privileged" ];
+      }}).serviceConfig;
+      option = (unit (cfg // {{ memoryDenyWriteExecute = false; }}) {{ }}).serviceConfig;
+      forced = (unit cfg {{
+        systemd.services.task-pipeline.serviceConfig.RestrictAddressFamilies = lib.mkForce [ "AF_UNIX" "AF_NETLINK" ];
+      }}).serviceConfig;
+      limit = (unit cfg {{ systemd.services.task-pipeline.unitConfig.StartLimitBurst = 3; }}).unitConfig;
+      # the stub merges like NixOS: two plain values of one key conflict
+      conflict = failsWith cfg {{ systemd.services.task-pipeline.serviceConfig.KillMode = "process"; }};
+      forcedKillMode = (unit cfg {{
+        systemd.services.task-pipeline.serviceConfig.KillMode = lib.mkForce "process";
+      }}).serviceConfig.KillMode;
+    }}"""
+    r = nix_eval_expr(expr.replace("STUB", str(STUB)).replace("ROOT", str(ROOT)))
+    for key in keys:
+        assert r["relaxed"][key] == user[key], (key, r["relaxed"][key])
+    assert r["relaxed"]["ExecStart"] == sc["ExecStart"]  # the rest is untouched
+    assert r["jit"]["MemoryDenyWriteExecute"] is False
+    assert r["jit"]["SystemCallFilter"] == HARDENING["SystemCallFilter"]
+    assert r["nice"]["SystemCallFilter"] == ["@system-service", "~@privileged"]
+    assert r["nice"]["MemoryDenyWriteExecute"] is True
+    assert r["option"]["MemoryDenyWriteExecute"] is False
+    assert r["forced"]["RestrictAddressFamilies"] == ["AF_UNIX", "AF_NETLINK"]
+    assert r["limit"]["StartLimitBurst"] == 3
+    assert r["conflict"] is True
+    assert r["forcedKillMode"] == "process"
+
+
+# 4c: restarts, ordering, secrets, the shared PostgreSQL store ---------------------
+
+POSTGRES_EXPR = MODULE_PRELUDE + """
+  url = "postgresql://tp@db.example.org:5432/tp";
+  pg = {
+    enable = true;
+    manifest = "/srv/m.toml";
+    user = "task-pipeline";
+    database.url = url;
+    database.passwordFile = "/run/secrets/tp-db-password";
+    objects = "/mnt/objects";
+  };
+  sqlite = { enable = true; manifest = "/srv/m.toml"; };
+in {
+  sqlite = ok (sqlite // { environmentFile = "/run/secrets/tp.env"; environment.LANG = "C"; });
+  pg = ok pg;
+  pgScratch = ok (pg // { scratchDir = "/var/cache/tp scratch"; parallel = 2; });
+  pgLocal = ok (pg // { database.url = "postgresql://tp@localhost/tp"; });
+  pgSocket = ok (pg // { database.url = "postgres:///tp?host=/run/postgresql"; });
+  pgIPv6 = ok (pg // { database.url = "postgresql://tp@[::1]:5432/tp"; });
+  pgLoopback = ok (pg // { database.url = "postgres://127.0.0.1/tp"; });
+  pgPercent = ok (pg // { database.url = "postgresql://tp@db/tp?options=-c%20x"; });
+  pgObjectsInState = ok (pg // { objects = "/var/lib/task-pipeline/objects"; user = null; });
+  sqliteObjects = ok (sqlite // { objects = "/srv/objects"; user = "task-pipeline"; });
+  noObjects = asserts (builtins.removeAttrs pg [ "objects" ]);
+  passwordInUrl = asserts (pg // { database.url = "postgresql://tp:hunter2@db/tp"; });
+  passwordInQuery = asserts (pg // { database.url = "postgresql://tp@db/tp?password=hunter2"; });
+  notPostgres = asserts (pg // { database.url = "mysql://tp@db/tp"; });
+  passwordInStore = asserts (pg // { database.passwordFile = "${builtins.storeDir}/abc-pw"; });
+  passwordNixPath = fails (pg // { database.passwordFile = ./.; });
+  passwordWithoutUrl = asserts (sqlite // { database.passwordFile = "/run/secrets/pw"; });
+  envFileInStore = asserts (sqlite // { environmentFile = "${builtins.storeDir}/abc-env"; });
+  envFileRelative = asserts (sqlite // { environmentFile = "secrets.env"; });
+  envFileNixPath = fails (sqlite // { environmentFile = ./.; });
+  relativeObjects = asserts (pg // { objects = "objects"; });
+  s3Objects = ok (pg // { objects = "s3://bucket/prefix"; });
+  dynamicObjects = asserts (pg // { user = null; });
+  dynamicScratch = asserts (sqlite // { scratchDir = "/srv/scratch"; });
+}
+"""
+
+
+def test_nixos_module_restarts_and_secrets(nix: str) -> None:
+    r = nix_eval_expr(POSTGRES_EXPR.replace("STUB", str(STUB)).replace("ROOT", str(ROOT)))
+
+    sqlite = r["sqlite"]
+    assert sqlite["failedAssertions"] == []
+    svc = sqlite["config"]["systemd"]["services"]["task-pipeline"]
+    sc = svc["serviceConfig"]
+    # exit 2 (usage, manifest) and 3 (store error) cannot be fixed by restarting
+    assert sc["Restart"] == "on-failure"
+    assert sorted(sc["RestartPreventExitStatus"]) == [2, 3]
+    # and whatever else keeps failing stops: a start limit, reachable with the backoff
+    unit = svc["unitConfig"]
+    interval, burst = unit["StartLimitIntervalSec"], unit["StartLimitBurst"]
+    assert isinstance(burst, int) and burst >= 2 and isinstance(interval, int) and interval > 0
+    assert sc["RestartMaxDelaySec"] * (burst - 1) < interval, "the restart delay outruns the start limit"
+    assert "network-online.target" in svc["wants"] and "network-online.target" in svc["after"]
+    assert "postgresql.service" not in svc["after"] + svc["wants"]
+    # secrets go in a file that systemd reads; the environment stays as given
+    assert sc["EnvironmentFile"] == "/run/secrets/tp.env"
+    assert svc["environment"] == {"LANG": "C"}
+    assert "LoadCredential" not in sc and "RequiresMountsFor" not in unit
+    assert "--objects" not in sc["ExecStart"] and "--scratch" not in sc["ExecStart"]
+
+    pg = r["pg"]
+    assert pg["failedAssertions"] == []
+    svc = pg["config"]["systemd"]["services"]["task-pipeline"]
+    sc = svc["serviceConfig"]
+    argv = shlex.split(sc["ExecStart"])
+    assert argv[1:] == [
+        "serve", "-manifest", "/srv/m.toml", "-db", "postgresql://tp@db.example.org:5432/tp",
+        "--objects", "/mnt/objects", "--scratch", "/var/lib/task-pipeline/tmp",
+    ]
+    assert sc["LoadCredential"] == ["db-password:/run/secrets/tp-db-password"]
+    assert svc["environment"] == {"TASK_PIPELINE_DB_PASSWORD_FILE": "%d/db-password"}
+    assert not any("/run/secrets/tp-db-password" in v for v in svc["environment"].values())
+    assert "/run/secrets/tp-db-password" not in sc["ExecStart"]
+    assert sc["ReadWritePaths"] == ["/mnt/objects"]
+    assert svc["unitConfig"]["RequiresMountsFor"] == ["/mnt/objects"]
+    assert sc["StateDirectory"] == "task-pipeline" and sc["WorkingDirectory"] == "/var/lib/task-pipeline"
+    # a lost connection (exit 3 too) passes: retried, within the start limit
+    assert sc["RestartPreventExitStatus"] == [2]
+    assert "network-online.target" in svc["wants"] and "network-online.target" in svc["after"]
+    assert "postgresql.service" not in svc["after"] + svc["wants"], "the database is on another host"
+
+    sc = r["pgScratch"]["config"]["systemd"]["services"]["task-pipeline"]["serviceConfig"]
+    argv = shlex.split(sc["ExecStart"])
+    assert argv[argv.index("--scratch") + 1] == "/var/cache/tp scratch"
+    assert argv[-2:] == ["-parallel", "2"]
+    assert sc["ReadWritePaths"] == ["/mnt/objects", "/var/cache/tp scratch"]
+    assert r["pgScratch"]["config"]["systemd"]["tmpfiles"]["rules"] == [
+        "d /var/cache/tp scratch 0750 task-pipeline task-pipeline - -"
+    ]
+
+    for local in ("pgLocal", "pgSocket", "pgIPv6", "pgLoopback"):
+        svc = r[local]["config"]["systemd"]["services"]["task-pipeline"]
+        assert r[local]["failedAssertions"] == [], local
+        assert "postgresql.service" in svc["after"] and "postgresql.service" in svc["wants"], local
+        assert "network-online.target" in svc["after"], local
+
+    # systemd would expand %2 itself: the URL reaches the daemon as written
+    start = r["pgPercent"]["config"]["systemd"]["services"]["task-pipeline"]["serviceConfig"]["ExecStart"]
+    assert "options=-c%%20x" in start and re.search("(?<!%)%20", start) is None
+
+    # objects in the state directory: nothing to add, and a DynamicUser is fine
+    assert r["pgObjectsInState"]["failedAssertions"] == []
+    sc = r["pgObjectsInState"]["config"]["systemd"]["services"]["task-pipeline"]["serviceConfig"]
+    assert "ReadWritePaths" not in sc and sc["DynamicUser"] is True
+    # objects elsewhere with the SQLite store
+    sc = r["sqliteObjects"]["config"]["systemd"]["services"]["task-pipeline"]["serviceConfig"]
+    argv = shlex.split(sc["ExecStart"])
+    assert argv[argv.index("-db") + 1] == "/var/lib/task-pipeline"
+    assert argv[argv.index("--objects") + 1] == "/srv/objects" and "--scratch" not in argv
+    assert sc["ReadWritePaths"] == ["/srv/objects"]
+
+    assert any("needs `objects`" in m for m in r["noObjects"])
+    assert any("must not contain a password" in m for m in r["passwordInUrl"])
+    assert any("must not contain a password" in m for m in r["passwordInQuery"])
+    assert any("postgresql://" in m for m in r["notPostgres"])
+    assert any("outside the Nix store" in m for m in r["passwordInStore"])
+    assert r["passwordNixPath"] is True  # a Nix path would be copied to the store
+    assert any("needs database.url" in m for m in r["passwordWithoutUrl"])
+    assert any("outside the Nix store" in m for m in r["envFileInStore"])
+    assert any("outside the Nix store" in m for m in r["envFileRelative"])
+    assert r["envFileNixPath"] is True
+    assert any("absolute path or a URL" in m for m in r["relativeObjects"])
+    assert r["s3Objects"]["failedAssertions"] == []
+    sc = r["s3Objects"]["config"]["systemd"]["services"]["task-pipeline"]["serviceConfig"]
+    assert "ReadWritePaths" not in sc and "s3://bucket/prefix" in shlex.split(sc["ExecStart"])
+    assert any("need `user`" in m for m in r["dynamicObjects"])
+    assert any("needs `user`" in m for m in r["dynamicScratch"])
+
+
+# 4d: the NixOS VM tests cannot run here (KVM, the real nixpkgs), but their scripts
+# must at least compile as Python and drive every machine they declare -------------
+
+
+def test_vm_test_scripts_compile(nix: str) -> None:
+    tests = nix_eval_expr(
+        MODULE_PRELUDE.replace("STUB", str(STUB)).replace("ROOT", str(ROOT))
+        + """
+          self' = self // { nixosModules.default = module; };
+          load = f: let t = import f { self = self'; }; in {
+            inherit (t) name testScript;
+            nodes = builtins.attrNames t.nodes;
+          };
+        in map load [ ROOT/nix/vm-test.nix ROOT/nix/vm-test-multinode.nix ]
+        """.replace("ROOT", str(ROOT))
+    )
+    assert len(tests) == 2
+    for t in tests:
+        code = compile(t["testScript"], t["name"], "exec")
+        names = set(code.co_names)
+        for node in t["nodes"]:
+            assert node in names, f"{t['name']}: node {node} is never used"
+        assert "start_all" in names or all(n in names for n in t["nodes"])
 
 
 # 5 -------------------------------------------------------------------------------

@@ -15,6 +15,7 @@ let
       pred: set:
       builtins.removeAttrs set (builtins.filter (n: !(pred n set.${n})) (builtins.attrNames set));
     optionals = cond: list: if cond then list else [ ];
+    optional = cond: elem: if cond then [ elem ] else [ ];
     optionalAttrs = cond: set: if cond then set else { };
     hasPrefix = pre: s: builtins.substring 0 (builtins.stringLength pre) s == pre;
     removePrefix =
@@ -85,6 +86,22 @@ let
       _type = "if";
       inherit condition content;
     };
+    # priorities as in nixpkgs: the lowest number wins; a plain definition is 100
+    mkOverride = priority: content: {
+      _type = "override";
+      inherit priority content;
+    };
+    mkOptionDefault = mkOverride 1500;
+    mkDefault = mkOverride 1000;
+    mkForce = mkOverride 50;
+    mkVMOverride = mkOverride 10;
+    # order is not modelled: the stub's merge just unwraps these
+    mkOrder = priority: content: {
+      _type = "order";
+      inherit priority content;
+    };
+    mkBefore = mkOrder 500;
+    mkAfter = mkOrder 1500;
     literalExpression = text: {
       _type = "literalExpression";
       inherit text;

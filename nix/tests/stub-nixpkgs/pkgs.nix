@@ -120,12 +120,31 @@ in
     };
 
   # Checks the shape of the test, and evaluates every node's use of the module with
-  # the stub module evaluator (option types, assertions, the unit).
+  # the stub module evaluator (option types, assertions, the unit merged with the
+  # node's other definitions). A node may be a function of { config, lib, pkgs, ... }
+  # as in NixOS; its `config` is not available here (using it where the stub looks
+  # is an error). Nodes that import no module only have to be attribute sets.
   testers.runNixOSTest =
     test:
     let
-      evalNode =
+      nodeArgs = {
+        inherit lib;
+        pkgs = import ./pkgs.nix { inherit lib system; };
+        config = throw "stub runNixOSTest: a node's `config` is not available in the stub";
+        nodes = test.nodes;
+        modulesPath = "/stub/nixos/modules";
+      };
+      asAttrs =
         name: node:
+        let
+          n = if builtins.isFunction node then node nodeArgs else node;
+        in
+        if builtins.isAttrs n then n else throw "stub runNixOSTest: node ${name} is not an attribute set";
+      evalNode =
+        name: node0:
+        let
+          node = asAttrs name node0;
+        in
         map (
           m:
           (import ./eval-module.nix {
