@@ -10,21 +10,15 @@ two places:
   written under $OUTPUT_DIR (`> "$OUTPUT_DIR/process_$i.txt"`, `cp x $OUTPUT_DIR/done.json`)
   are routed like real outputs. Guesses not (yet) confirmed by the store are drawn dashed.
 
-Everything but `cmd_graph` is pure, so it is tested without a store.
+Everything but `observed_edges` is pure, so it is tested without a store.
 """
 
 from __future__ import annotations
 
 import json
 import re
-import sys
-from argparse import Namespace
 from dataclasses import dataclass, field
 
-from task_pipeline import state
-from task_pipeline.errors import UsageError
-from task_pipeline.manifest import Manifest, load_manifest
-from task_pipeline.report import Output
 from task_pipeline.routing import TERMINAL, Router, route_key
 
 # $OUTPUT_DIR/name or ${OUTPUT_DIR}/name, the name running up to a quote, space or shell operator
@@ -162,46 +156,16 @@ def render_dot(g: Graph) -> str:
 # -- reading the store -------------------------------------------------------------
 
 
-def observed_edges(conn) -> dict[tuple[str, str], int]:
+def observed_edges(db) -> dict[tuple[str, str], int]:
     """Routing as it happened: parent task's step -> child task's step, and done outputs -> `done`."""
     found: dict[tuple[str, str], int] = {}
-    for src, dst, n in conn.execute(
+    for src, dst, n in db.execute(
             """SELECT ps.name, cs.name, count(*) FROM task c JOIN task p ON p.id = c.parent_id
                JOIN step ps ON ps.id = p.step_id JOIN step cs ON cs.id = c.step_id
                GROUP BY ps.name, cs.name"""):
         found[(src, dst)] = n
-    for src, n in conn.execute(
+    for src, n in db.execute(
             """SELECT s.name, count(*) FROM output o JOIN task t ON t.id = o.task_id JOIN step s ON s.id = t.step_id
                WHERE o.key = ? GROUP BY s.name""", (TERMINAL,)):
         found[(src, TERMINAL)] = n
     return found
-
-
-def cmd_graph(a: Namespace, out: Output) -> int:
-    if a.args:
-        raise UsageError("usage: task-pipeline graph [-manifest M] [-db D] [--format mermaid|dot] [--json]")
-    manifest: Manifest | None = load_manifest(a.manifest) if a.manifest else None
-    has_store = state.db_path(a.db).exists()
-    if manifest is None and not has_store:
-        raise UsageError(f"graph needs a manifest (-manifest M) or a store (-db D); {a.db}: no store here")
-    observed: dict[tuple[str, str], int] = {}
-    versions: dict[str, int] = {}
-    store_steps: list[Node] = []
-    if has_store:
-        conn = state.connect(a.db)
-        pipe = state.load_pipeline(conn)
-        observed = observed_edges(conn)
-        versions = {s.name: s.version for s in pipe.steps.values()}
-        store_steps = [Node(s.name, start=s.is_start, version=s.version, removed=not s.in_manifest)
-                       for s in pipe.steps.values()]
-    if manifest is not None:
-        steps = [Node(s.name, start=s.start, version=versions.get(s.name)) for s in manifest.steps]
-        guessed = guess_edges([(s.name, s.script, s.consumes) for s in manifest.steps])
-    else:
-        steps, guessed = store_steps, []
-    g = build_graph(steps, observed, guessed)
-    if a.json:
-        sys.stdout.write(json.dumps(g.to_json(), indent=2) + "\n")
-    else:
-        sys.stdout.write(render_dot(g) if a.format == "dot" else render_mermaid(g))
-    return 0

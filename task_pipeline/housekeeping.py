@@ -33,14 +33,14 @@ from __future__ import annotations
 import os
 import signal
 import socket
-import sqlite3
 import stat
 import time
-from argparse import Namespace
 from dataclasses import dataclass, field
-from typing import Iterable, Iterator
+from pathlib import Path
+from typing import Callable, Iterable, Iterator
 
 from task_pipeline import fsutil
+from task_pipeline.db import Database
 from task_pipeline.store import Store
 
 HEARTBEAT_FRESH = 90.0  # seconds: a runner on another host counts as active while its heartbeat is this recent
@@ -55,14 +55,12 @@ HEX = frozenset("0123456789abcdef")
 
 
 def _boot_time() -> float | None:
+    """When this machine booted, as a Unix time. From the boot clock, not /proc/stat, which a
+    systemd unit with ProcSubset=pid cannot read."""
     try:
-        with open("/proc/stat", "rb") as f:
-            for line in f:
-                if line.startswith(b"btime "):
-                    return float(line.split()[1])
-    except OSError:
-        pass
-    return None
+        return time.time() - time.clock_gettime(time.CLOCK_BOOTTIME)
+    except (AttributeError, OSError):
+        return None
 
 
 _BTIME = _boot_time()
@@ -123,21 +121,22 @@ class Runner:
     heartbeat: float
 
 
-def active_runners(conn: sqlite3.Connection, now: float | None = None) -> list[Runner]:
+def active_runners(db: Database) -> list[Runner]:
     """Runners that may be working on the store right now.
 
     On this host: those whose process is alive (the heartbeat of a SIGKILLed runner may
     still be fresh). Elsewhere: those whose heartbeat is recent.
     """
-    now = now or time.time()
+    clock = db.clock()  # heartbeats are by the database's clock
+    offset = clock - time.time()
     host = socket.gethostname()
     out = []
-    for r in conn.execute("SELECT id, host, pid, kind, started_at, heartbeat FROM runner"):
+    for r in db.execute("SELECT id, host, pid, kind, started_at, heartbeat FROM runner"):
         runner = Runner(*r)
         if runner.host == host:
-            if process_alive(runner.pid, since=runner.started_at):
+            if process_alive(runner.pid, since=runner.started_at - offset):
                 out.append(runner)
-        elif now - runner.heartbeat < HEARTBEAT_FRESH:
+        elif clock - runner.heartbeat < HEARTBEAT_FRESH:
             out.append(runner)
     return out
 
@@ -225,23 +224,24 @@ def kill_orphans(scratch_dirs: Iterable[str]) -> int:
     return len(groups)
 
 
-def reap_dead_scratch(conn: sqlite3.Connection, store: Store, now: float | None = None) -> Sweep:
-    """Remove tmp/ entries whose process is gone, after killing scripts still running in them.
+def reap_dead_scratch(db: Database, scratch: Path, now: float | None = None, *, shared: bool = True) -> Sweep:
+    """Remove scratch entries whose process is gone, after killing scripts still running in them.
 
-    Pids are only meaningful on this host. When a runner on another host is active (a
-    store on a shared filesystem), entries younger than an hour are left alone: their
-    pid may be that runner's.
+    Pids are only meaningful on this host. When a runner on another host is active and
+    this scratch directory is the store's own (a store directory on a shared filesystem),
+    entries younger than an hour are left alone: their pid may be that runner's. Scratch
+    that is not `shared` (every host has its own, as with PostgreSQL) needs no such care.
     """
     now = now or time.time()
     sweep = Sweep()
     try:
-        entries = list(os.scandir(store.tmp))
-    except FileNotFoundError:
+        entries = list(os.scandir(scratch))
+    except (FileNotFoundError, NotADirectoryError):
         return sweep
     if not entries:
         return sweep
     host = socket.gethostname()
-    foreign = any(r.host != host for r in active_runners(conn, now))
+    foreign = shared and any(r.host != host for r in active_runners(db))
     dead: list[tuple[str, int]] = []
     for e in entries:
         pid = tmp_owner(e.name)
@@ -263,8 +263,8 @@ def reap_dead_scratch(conn: sqlite3.Connection, store: Store, now: float | None 
         return sweep
     sweep.killed = kill_orphans([p for p, _ in dead if os.path.basename(p).startswith("task-")])
     for path, _ in dead:
-        size = _tree_size(str(store.tmp), os.path.basename(path))
-        err = _remove_tree(str(store.tmp), os.path.basename(path))
+        size = _tree_size(str(scratch), os.path.basename(path))
+        err = _remove_tree(str(scratch), os.path.basename(path))
         if err:
             sweep.errors.append(err)
         else:
@@ -284,22 +284,22 @@ REFERENCES_SQL = """
 """
 
 
-def referenced(conn: sqlite3.Connection) -> set[str]:
-    return {r[0] for r in conn.execute(REFERENCES_SQL)}
+def referenced(db: Database) -> set[str]:
+    return {r[0] for r in db.execute(REFERENCES_SQL)}
 
 
-def users(conn: sqlite3.Connection, h: str, limit: int = 10) -> list[str]:
+def users(db: Database, h: str, limit: int = 10) -> list[str]:
     """Who uses object `h`, for people: 'output NAME of STEP#TASK', 'input of STEP#TASK', logs."""
     found: list[str] = []
-    for r in conn.execute(
+    for r in db.execute(
             """SELECT o.name, t.id, s.name, t.live FROM output o JOIN task t ON t.id = o.task_id
                JOIN step s ON s.id = t.step_id WHERE o.hash = ? ORDER BY t.id LIMIT ?""", (h, limit + 1)):
         found.append(f"output '{r[0]}' of {r[2]}#{r[1]}" + ("" if r[3] else " (history)"))
-    for r in conn.execute(
+    for r in db.execute(
             """SELECT t.id, s.name, t.input_name, t.live FROM task t JOIN step s ON s.id = t.step_id
                WHERE t.input_hash = ? ORDER BY t.id LIMIT ?""", (h, limit + 1)):
         found.append(f"input '{r[2]}' of {r[1]}#{r[0]}" + ("" if r[3] else " (history)"))
-    for r in conn.execute(
+    for r in db.execute(
             """SELECT a.task_id, a.attempt, s.name, a.stdout_hash = ? FROM attempt a JOIN task t ON t.id = a.task_id
                JOIN step s ON s.id = t.step_id WHERE a.stdout_hash = ? OR a.stderr_hash = ?
                ORDER BY a.id LIMIT ?""", (h, h, h, limit + 1)):
@@ -313,12 +313,17 @@ def _valid_hash(name: str) -> bool:
     return len(name) == 64 and set(name) <= HEX
 
 
+INCOMING = "incoming"  # objects being written, when objects live outside a store directory
+
+
 def _iter_files(store: Store) -> Iterator[tuple[str, str, os.stat_result]]:
     """(name as a hash, path, lstat) for everything under objects/, whatever it is."""
     root = str(store.objects)
     if not os.path.isdir(root):
         return
     for a in sorted(os.scandir(root), key=lambda e: e.name):
+        if a.name == INCOMING and a.is_dir(follow_symlinks=False):
+            continue
         if not a.is_dir(follow_symlinks=False):
             yield a.name, a.path, a.stat(follow_symlinks=False)
             continue
@@ -334,32 +339,10 @@ def _iter_files(store: Store) -> Iterator[tuple[str, str, os.stat_result]]:
                 yield a.name + b.name + f.name, f.path, st
 
 
-# -- progress ------------------------------------------------------------------------------------
+Progress = Callable[[int], None]  # told how many bytes more were looked at
 
 
-class _Progress:
-    """A rich progress bar on a terminal, nothing otherwise."""
-
-    def __init__(self, out, label: str, total: int) -> None:
-        self._p = None
-        if out.live:
-            from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn
-
-            self._p = Progress(TextColumn(label), BarColumn(), DownloadColumn(), TimeRemainingColumn(),
-                               console=out.err, transient=True)
-            self._p.__enter__()
-            self._id = self._p.add_task(label, total=total or None)
-
-    def advance(self, n: int) -> None:
-        if self._p is not None:
-            self._p.advance(self._id, n)
-
-    def close(self) -> None:
-        if self._p is not None:
-            self._p.__exit__(None, None, None)
-
-
-def _fmt_bytes(n: int) -> str:
+def fmt_bytes(n: int) -> str:
     for unit in ("bytes", "KiB", "MiB", "GiB", "TiB"):
         if n < 1024 or unit == "TiB":
             return f"{n} {unit}" if unit == "bytes" else f"{n:.1f} {unit}"
@@ -372,7 +355,7 @@ def _fmt_bytes(n: int) -> str:
 
 @dataclass
 class Problem:
-    kind: str      # corrupt | missing | not-a-file | stray | database
+    kind: str      # corrupt | missing | not-a-file | unreadable | database
     hash: str | None
     detail: str
     used_by: list[str] = field(default_factory=list)
@@ -395,55 +378,50 @@ class FsckReport:
     warnings: list[str] = field(default_factory=list)
 
 
-def fsck(conn: sqlite3.Connection, store: Store, out=None) -> FsckReport:
+def fsck(db: Database, store: Store, scratch: Path, progress: Progress | None = None) -> FsckReport:
     rep = FsckReport()
-    check = [r[0] for r in conn.execute("PRAGMA quick_check")]
-    if check != ["ok"]:
-        rep.problems.append(Problem("database", None, "the database is damaged: " + "; ".join(check[:5])))
-    refs = referenced(conn)
+    damage = db.integrity()
+    if damage:
+        rep.problems.append(Problem("database", None, "the database is damaged: " + "; ".join(damage[:5])))
+    refs = referenced(db)
     rep.references = len(refs)
-    sizes = {r[0]: r[1] for r in conn.execute("SELECT hash, size FROM object")}
-    total = sum(sizes.values())
-    bar = _Progress(out, "fsck", total) if out is not None else None
+    sizes = {r[0]: r[1] for r in db.execute("SELECT hash, size FROM object")}
     seen: set[str] = set()
-    try:
-        for name, path, st in _iter_files(store):
-            if not _valid_hash(name):
-                rep.warnings.append(f"{path}: not an object (its name is not a hash); remove it")
-                continue
-            if not stat.S_ISREG(st.st_mode):
-                rep.problems.append(Problem("not-a-file", name, f"{path} is not a regular file",
-                                            users(conn, name) if name in refs else []))
-                seen.add(name)
-                continue
+    for name, path, st in _iter_files(store):
+        if not _valid_hash(name):
+            rep.warnings.append(f"{path}: not an object (its name is not a hash); remove it")
+            continue
+        if not stat.S_ISREG(st.st_mode):
+            rep.problems.append(Problem("not-a-file", name, f"{path} is not a regular file"
+                                        + (" (a symlink: someone planted it)" if stat.S_ISLNK(st.st_mode) else ""),
+                                        users(db, name) if name in refs else []))
             seen.add(name)
-            rep.objects += 1
-            rep.bytes += st.st_size
-            actual = store.rehash(name)
-            if bar:
-                bar.advance(st.st_size)
-            if actual is None:
-                rep.problems.append(Problem("unreadable", name, f"object {name} cannot be read ({path})",
-                                            users(conn, name) if name in refs else []))
-            elif actual != name:
-                rep.problems.append(Problem(
-                    "corrupt", name, f"object {name} is corrupt: its content hashes to {actual}"
-                    + (f" ({st.st_size} bytes, {sizes[name]} recorded)" if name in sizes and sizes[name] != st.st_size else ""),
-                    users(conn, name)))
-            elif name not in refs:
-                rep.unreferenced += 1
-                rep.unreferenced_bytes += st.st_size
-            if st.st_mode & 0o222:
-                rep.warnings.append(f"object {name} is writable (mode {stat.S_IMODE(st.st_mode):o}); it should be 0444")
-    finally:
-        if bar:
-            bar.close()
+            continue
+        seen.add(name)
+        rep.objects += 1
+        rep.bytes += st.st_size
+        actual = store.rehash(name)
+        if progress:
+            progress(st.st_size)
+        if actual is None:
+            rep.problems.append(Problem("unreadable", name, f"object {name} cannot be read ({path})",
+                                        users(db, name) if name in refs else []))
+        elif actual != name:
+            rep.problems.append(Problem(
+                "corrupt", name, f"object {name} is corrupt: its content hashes to {actual}"
+                + (f" ({st.st_size} bytes, {sizes[name]} recorded)" if name in sizes and sizes[name] != st.st_size else ""),
+                users(db, name)))
+        elif name not in refs:
+            rep.unreferenced += 1
+            rep.unreferenced_bytes += st.st_size
+        if st.st_mode & 0o222:
+            rep.warnings.append(f"object {name} is writable (mode {stat.S_IMODE(st.st_mode):o}); it should be 0444")
     for h in sorted(refs - seen):
-        rep.problems.append(Problem("missing", h, f"object {h} is missing", users(conn, h)))
+        rep.problems.append(Problem("missing", h, f"object {h} is missing", users(db, h)))
     now = time.time()
     leftovers = 0
     try:
-        for e in os.scandir(store.tmp):
+        for e in os.scandir(scratch):
             pid = tmp_owner(e.name)
             if pid is not None and not process_alive(pid, since=e.stat(follow_symlinks=False).st_mtime):
                 leftovers += 1
@@ -451,42 +429,18 @@ def fsck(conn: sqlite3.Connection, store: Store, out=None) -> FsckReport:
         pass
     if leftovers:
         rep.warnings.append(f"{leftovers} leftover scratch entr{'y' if leftovers == 1 else 'ies'} of dead processes in "
-                            f"{store.tmp}; 'gc' (or the next run) removes them")
+                            f"{scratch}; 'gc' (or the next run) removes them")
     stuck = 0
     host = socket.gethostname()
-    for r in conn.execute("SELECT lease_owner, lease_expires FROM task WHERE state='running'"):
+    clock = db.clock()
+    for r in db.execute("SELECT lease_owner, lease_expires FROM task WHERE state='running'"):
         o_host, o_pid, _ = ((r[0] or "?:0:?").rsplit(":", 2) + ["", ""])[:3]
-        if (r[1] or 0) < now or (o_host == host and o_pid.isdigit() and not process_alive(int(o_pid))):
+        if (r[1] or 0) < clock or (o_host == host and o_pid.isdigit() and not process_alive(int(o_pid))):
             stuck += 1
     if stuck:
         rep.warnings.append(f"{stuck} task(s) are held by runners that are gone; the next run re-queues them")
+    del now
     return rep
-
-
-def cmd_fsck(a: Namespace, out) -> int:
-    from task_pipeline.commands import args_exactly, open_store, print_json
-
-    args_exactly(a, 0, "fsck [--json]")
-    conn, store = open_store(a)
-    rep = fsck(conn, store, out)
-    if a.json:
-        print_json({"ok": not rep.problems, "objects": rep.objects, "bytes": rep.bytes, "references": rep.references,
-                    "unreferenced": {"objects": rep.unreferenced, "bytes": rep.unreferenced_bytes},
-                    "problems": [p.__dict__ for p in rep.problems], "warnings": rep.warnings})
-    else:
-        for w in rep.warnings:
-            out.log("warning", w)
-        for p in rep.problems:
-            out.log("error", p.line())
-        summary = (f"checked {rep.objects} object(s), {_fmt_bytes(rep.bytes)}, and {rep.references} reference(s): "
-                   + (f"{len(rep.problems)} problem(s)" if rep.problems else "no problems"))
-        if rep.unreferenced:
-            summary += f"; {rep.unreferenced} unreferenced object(s) ({_fmt_bytes(rep.unreferenced_bytes)}) that 'gc' would remove"
-        out.log("error" if rep.problems else "info", summary)
-        if any(p.kind in ("corrupt", "missing") for p in rep.problems):
-            out.log("info", "to rebuild a damaged output: delete its object file, then 'invalidate' the step that "
-                            "made it and 'run'; a damaged submitted input must be submitted again")
-    return 1 if rep.problems else 0
 
 
 # -- gc ----------------------------------------------------------------------------------------------
@@ -500,51 +454,86 @@ class GcReport:
     rows: int = 0
     scratch: Sweep = field(default_factory=Sweep)
     dirs: int = 0
+    incoming: int = 0
 
 
-def gc(conn: sqlite3.Connection, store: Store, *, cutoff: float, out=None, prune_dirs: bool = True) -> GcReport:
-    """Remove leftover scratch, then unreferenced objects whose inode changed before `cutoff`, then their rows."""
+def gc_cutoff(db: Database, started: float) -> tuple[float, list[Runner]]:
+    """The age an unreferenced object must have to be removed: older than gc itself and than every
+    writer that could still commit a reference to it (runners, daemons, submits, on any host)."""
+    active = active_runners(db)
+    host = socket.gethostname()
+    offset = db.clock() - time.time()  # runners' times are by the database's clock; file times by ours
+    cutoff = min([started] + [r.started_at - offset - (0 if r.host == host else FOREIGN_CLOCK_SKEW)
+                              for r in active]) - GC_SLACK
+    return cutoff, active
+
+
+def gc(db: Database, store: Store, scratch: Path, *, cutoff: float, progress: Progress | None = None,
+       prune_dirs: bool = True, dry_run: bool = False, scratch_shared: bool = True) -> GcReport:
+    """Remove leftover scratch, then unreferenced objects whose inode changed before `cutoff`, then their rows.
+    With `dry_run`, count what would go and change nothing."""
     rep = GcReport()
-    rep.scratch = reap_dead_scratch(conn, store)
-    refs = referenced(conn)
-    total = conn.execute("SELECT coalesce(sum(size), 0) FROM object").fetchone()[0]
-    bar = _Progress(out, "gc", total) if out is not None else None
-    try:
-        for name, path, st in _iter_files(store):
-            if bar:
-                bar.advance(st.st_size)
-            if not _valid_hash(name) or name in refs or not stat.S_ISREG(st.st_mode):
-                continue
-            if st.st_ctime >= cutoff:
-                rep.kept_recent += 1
-                continue
-            try:
-                # look again right before: a runner may have just stored an identical output (which touches it)
-                if os.lstat(path).st_ctime >= cutoff:
-                    rep.kept_recent += 1
-                    continue
-                os.unlink(path)
-            except FileNotFoundError:
-                continue
-            except OSError as e:
-                rep.scratch.errors.append(f"{path}: {e.strerror}")
-                continue
+    damage = db.integrity()
+    if damage:
+        from task_pipeline.errors import StoreError
+
+        raise StoreError(f"gc: the database is damaged ({'; '.join(damage[:3])}), so it cannot say which objects are "
+                         f"in use; nothing was removed. Restore it from a backup ('task-pipeline fsck' says more)")
+    if not dry_run:
+        rep.scratch = reap_dead_scratch(db, scratch, shared=scratch_shared)
+    refs = referenced(db)
+    for name, path, st in _iter_files(store):
+        if progress:
+            progress(st.st_size)
+        if not _valid_hash(name) or name in refs or not stat.S_ISREG(st.st_mode):
+            continue
+        if st.st_ctime >= cutoff:
+            rep.kept_recent += 1
+            continue
+        if dry_run:
             rep.removed += 1
             rep.bytes += st.st_size
-    finally:
-        if bar:
-            bar.close()
-    from task_pipeline.state import transaction
-
-    with transaction(conn):
-        # recomputed under the write lock, so a reference committed meanwhile keeps its row
-        refs = referenced(conn)
-        stale = [h for (h,) in conn.execute("SELECT hash FROM object") if h not in refs and not store.has(h)]
-        conn.executemany("DELETE FROM object WHERE hash=?", [(h,) for h in stale])
+            continue
+        try:
+            # look again right before: a runner may have just stored an identical output (which touches it)
+            if os.lstat(path).st_ctime >= cutoff:
+                rep.kept_recent += 1
+                continue
+            os.unlink(path)
+        except FileNotFoundError:
+            continue
+        except OSError as e:
+            rep.scratch.errors.append(f"{path}: {e.strerror}")
+            continue
+        rep.removed += 1
+        rep.bytes += st.st_size
+    incoming = store.objects / INCOMING
+    if incoming.is_dir():
+        # files being written to a shared objects directory, by runners on any host: only old ones are litter
+        for e in os.scandir(incoming):
+            try:
+                st = e.stat(follow_symlinks=False)
+            except OSError:
+                continue
+            if st.st_mtime < cutoff - FOREIGN_SCRATCH_AGE:
+                rep.incoming += 1
+                rep.bytes += st.st_size
+                if not dry_run:
+                    try:
+                        os.unlink(e.path)
+                    except OSError:
+                        pass
+    if dry_run:
+        return rep
+    with db.transaction():
+        # recomputed under the writers' lock, so a reference committed meanwhile keeps its row
+        refs = referenced(db)
+        stale = [h for (h,) in db.execute("SELECT hash FROM object") if h not in refs and not store.has(h)]
+        db.executemany("DELETE FROM object WHERE hash=?", [(h,) for h in stale])
         rep.rows = len(stale)
     if prune_dirs and store.objects.is_dir():
         for a in os.scandir(store.objects):
-            if not a.is_dir(follow_symlinks=False):
+            if not a.is_dir(follow_symlinks=False) or a.name == INCOMING:
                 continue
             for b in os.scandir(a.path):
                 if b.is_dir(follow_symlinks=False):
@@ -559,38 +548,3 @@ def gc(conn: sqlite3.Connection, store: Store, *, cutoff: float, out=None, prune
             except OSError:
                 pass
     return rep
-
-
-def cmd_gc(a: Namespace, out) -> int:
-    from task_pipeline.commands import args_exactly, open_store, print_json
-    from task_pipeline.errors import UsageError
-
-    args_exactly(a, 0, "gc [--force] [--json]")
-    conn, store = open_store(a)
-    started = time.time()
-    active = active_runners(conn, started)
-    if active and not a.force:
-        who = ", ".join(f"{r.kind} {r.host}:{r.pid} (heartbeat {max(started - r.heartbeat, 0):.0f}s ago)" for r in active)
-        raise UsageError(f"gc: {len(active)} runner(s) active on this store: {who}; wait for them to finish, "
-                         f"or pass --force (what they stored since they started is kept)")
-    host = socket.gethostname()
-    cutoff = min([started] + [r.started_at - (0 if r.host == host else FOREIGN_CLOCK_SKEW) for r in active]) - GC_SLACK
-    rep = gc(conn, store, cutoff=cutoff, out=out, prune_dirs=not active)
-    if a.json:
-        print_json({"objects_removed": rep.removed, "bytes_freed": rep.bytes + rep.scratch.bytes,
-                    "object_bytes": rep.bytes, "kept_recent": rep.kept_recent, "rows_removed": rep.rows,
-                    "scratch_removed": rep.scratch.removed, "scratch_bytes": rep.scratch.bytes,
-                    "orphans_killed": rep.scratch.killed, "errors": rep.scratch.errors})
-    else:
-        for e in rep.scratch.errors:
-            out.log("warning", f"could not remove {e}")
-        freed = rep.bytes + rep.scratch.bytes
-        msg = (f"gc: freed {freed} bytes" + (f" ({_fmt_bytes(freed)})" if freed >= 1024 else "") + ": "
-               f"{rep.removed} unreferenced object(s), {rep.scratch.removed} leftover scratch entr"
-               f"{'y' if rep.scratch.removed == 1 else 'ies'}")
-        if rep.scratch.killed:
-            msg += f"; killed {rep.scratch.killed} orphaned script(s)"
-        if rep.kept_recent:
-            msg += f"; kept {rep.kept_recent} unreferenced object(s) written since {'the oldest active runner started' if active else 'gc started'}"
-        out.print(msg)
-    return 0 if not rep.scratch.errors else 1

@@ -19,6 +19,7 @@ from functools import cached_property
 from typing import TYPE_CHECKING, Iterable
 
 from task_pipeline.state import Claimed, CommitReport, Result
+from task_pipeline.textsafe import one_line
 
 if TYPE_CHECKING:
     from rich.console import Console
@@ -38,10 +39,17 @@ class Summary:
     store_error: str | None = None
     started: float = field(default_factory=time.monotonic)
     elapsed: float = 0.0
+    interrupted: int | None = None   # the signal that stopped a run early
 
     @property
-    def ran(self) -> int:
-        return sum(self.done.values()) + len(self.failed) + self.retried
+    def finished(self) -> int:
+        """Tasks that reached an end state (done, or failed for good) in this run."""
+        return sum(self.done.values()) + len(self.failed)
+
+    @property
+    def attempts(self) -> int:
+        """Scripts run to an outcome: every finished task's last attempt, plus the attempts retried."""
+        return self.finished + self.retried
 
     def absorb(self, rep: CommitReport) -> None:
         for r in rep.done:
@@ -57,6 +65,12 @@ class Summary:
 LEVELS = {"debug": 10, "info": 20, "warning": 30, "error": 40}
 
 
+def timestamp(t: float | None = None) -> str:
+    """The one time format of log lines and JSON: UTC, ISO 8601, milliseconds."""
+    t = time.time() if t is None else t
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(t)) + f".{int(t % 1 * 1000):03d}Z"
+
+
 @dataclass
 class Output:
     """Where messages go, and how loud they are."""
@@ -69,13 +83,14 @@ class Output:
     def out(self) -> "Console":
         from rich.console import Console
 
-        return Console(highlight=False, soft_wrap=True)
+        # not on a terminal, a table line is as long as its content (no wrapping at 80 columns)
+        return Console(highlight=False, soft_wrap=True, width=None if sys.stdout.isatty() else 4000)
 
     @cached_property
     def err(self) -> "Console":
         from rich.console import Console
 
-        return Console(stderr=True, highlight=False, soft_wrap=True)
+        return Console(stderr=True, highlight=False, soft_wrap=True, width=None if sys.stderr.isatty() else 4000)
 
     @cached_property
     def tty(self) -> bool:
@@ -86,35 +101,49 @@ class Output:
         return self.log_format == "auto" and self.tty and not self.quiet
 
     def log(self, level: str, text: str, **fields) -> None:
+        """One line. `fields` (step, task, attempt, ...) become JSON fields; text from scripts is escaped."""
         if self.quiet and LEVELS[level] < LEVELS["error"]:
             return
         if level == "debug" and not self.verbose:
             return
         if self.log_format == "json":
-            sys.stderr.write(json.dumps({"ts": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "level": level,
-                                         "msg": text, **fields}) + "\n")
+            sys.stderr.write(json.dumps({"ts": timestamp(), "level": level, "msg": text, **fields},
+                                        ensure_ascii=False, default=str) + "\n")
             sys.stderr.flush()
         elif self.log_format == "plain" or not self.tty:
-            sys.stderr.write(f"{time.strftime('%Y-%m-%dT%H:%M:%S')} {level.upper():7} {text}\n")
+            sys.stderr.write(f"{timestamp()} {level.upper():7} {one_line(text)}\n")
             sys.stderr.flush()
         else:
             style = {"warning": "yellow", "error": "bold red", "debug": "dim"}.get(level)
             prefix = {"warning": "warning: ", "error": "error: "}.get(level, "")
-            self.err.print(prefix + text, style=style, markup=False)
+            self.err.print(prefix + one_line(text), style=style, markup=False, highlight=False)
+
+    def emit_json(self, kind: str, data) -> None:
+        """A JSON record on the log stream (with --log-format json): summaries and tables as data."""
+        sys.stderr.write(json.dumps({"ts": timestamp(), "level": "info", "kind": kind, **data},
+                                    ensure_ascii=False, default=str) + "\n")
+        sys.stderr.flush()
 
     def print(self, renderable) -> None:
-        """Results (tables, lists) go to stdout, even with -quiet."""
-        self.out.print(renderable)
+        """Results (tables, lists) go to stdout, even with -quiet. A string is plain text, never markup."""
+        if isinstance(renderable, str):
+            self.out.print(one_line(renderable) if "\n" not in renderable else renderable, markup=False,
+                           highlight=False)
+        else:
+            self.out.print(renderable)
 
 
 class RunReporter:
-    """Follows a run: live progress on a terminal, periodic plain lines otherwise."""
+    """Follows a run: live progress on a terminal, periodic plain lines otherwise.
+
+    `running` counts scripts this runner has started and not yet reported back; a task
+    leased but never started (given back on a stop) is not counted in or out."""
 
     def __init__(self, output: Output, pending: dict[str, int], order: Iterable[str]) -> None:
         self.o = output
         self.order = list(order)
         self.total: Counter = Counter(pending)
-        self.finished: Counter = Counter()
+        self.done: Counter = Counter()
         self.failed: Counter = Counter()
         self.running: Counter = Counter()
         self._last_plain = time.monotonic()
@@ -128,7 +157,7 @@ class RunReporter:
 
             self._progress = Progress(
                 TextColumn("{task.description:<16}"), BarColumn(), MofNCompleteColumn(),
-                TextColumn("{task.fields[running]:>3} running  {task.fields[failed]:>3} failed"),
+                TextColumn("done  {task.fields[running]:>3} running  {task.fields[failed]:>3} failed"),
                 TextColumn("{task.fields[speed_text]}"), TimeRemainingColumn(),
                 console=self.o.err, transient=False, refresh_per_second=8,
             )
@@ -155,8 +184,10 @@ class RunReporter:
         tid = self._rows[name]
         task = next((t for t in p.tasks if t.id == tid), None)
         speed = f"{task.speed:6.1f}/s" if task is not None and task.speed else ""
-        p.update(tid, total=max(self.total[name], self.finished[name]) or None, completed=self.finished[name],
-                 running=self.running[name], failed=self.failed[name], speed_text=speed)
+        # the bar is what succeeded: 108/120 with 12 failed, never 120/120
+        p.update(tid, total=max(self.total[name], self.done[name] + self.failed[name]) or None,
+                 completed=self.done[name], running=max(self.running[name], 0), failed=self.failed[name],
+                 speed_text=speed)
 
     def _refresh_all(self) -> None:
         for name in list(self._rows):
@@ -167,7 +198,8 @@ class RunReporter:
         with self._lock:
             self.running[c.step.name] += 1
         if self.o.verbose and not self.o.live:
-            self.o.log("debug", f"[{c.step.name}#{c.task_id}] start {c.input_name or '(start)'} attempt {c.attempt}")
+            self.o.log("debug", f"[{c.step.name}#{c.task_id}] start {c.input_name or '(start)'} attempt {c.attempt}",
+                       step=c.step.name, task=c.task_id, attempt=c.attempt)
         self._refresh(c.step.name)
 
     def committed(self, rep: CommitReport) -> None:
@@ -176,27 +208,67 @@ class RunReporter:
         touched = set(rep.created)
         with self._lock:
             for r in rep.done + rep.failed + rep.retrying + rep.stale + rep.requeued:
-                self.running[r.step] -= 1
+                if r.started:
+                    self.running[r.step] -= 1
                 touched.add(r.step)
         for r in rep.done:
-            self.finished[r.step] += 1
+            self.done[r.step] += 1
             if self.o.verbose and not self.o.live:
                 self.o.log("debug", f"[{r.step}#{r.task_id}] done in {r.finished_at - r.started_at:.2f}s, "
-                                    f"{len(r.outputs)} output(s)")
+                                    f"{len(r.outputs)} output(s)", step=r.step, task=r.task_id, attempt=r.attempt)
         for r in rep.failed:
-            self.finished[r.step] += 1
             self.failed[r.step] += 1
             self.o.log("error", f"[{r.step}#{r.task_id}] {r.input_name or '(start)'} failed: {r.error}"
-                                + (f": {r.stderr_tail}" if r.stderr_tail else ""))
+                                + (f": {r.stderr_tail}" if r.stderr_tail else ""),
+                       step=r.step, task=r.task_id, attempt=r.attempt, input=r.input_name, exit=r.exit_code)
         for r in rep.retrying:
             self.o.log("warning", f"[{r.step}#{r.task_id}] {r.input_name or '(start)'} attempt {r.attempt} failed "
-                                  f"({r.error}); retrying")
+                                  f"({r.error}); retrying", step=r.step, task=r.task_id, attempt=r.attempt)
         for name in touched:
             self._refresh(name)
         if self._progress is None and not self.o.quiet and time.monotonic() - self._last_plain > 5:
             self._last_plain = time.monotonic()
-            parts = [f"{n} {self.finished[n]}/{self.total[n]}" for n in self.order if self.total[n]]
+            parts = [f"{n} {self.done[n]}/{self.total[n]}" + (f" ({self.failed[n]} failed)" if self.failed[n] else "")
+                     for n in self.order if self.total[n]]
             self.o.log("info", "progress: " + ", ".join(parts))
+
+    def log(self, level: str, text: str) -> None:
+        self.o.log(level, text)
+
+
+class DaemonReporter:
+    """One log line per finished task (plain or JSON lines); no progress display."""
+
+    def __init__(self, out: Output) -> None:
+        self.o = out
+        self.unrouted_seen: set[str] = set()
+
+    def task_started(self, c: Claimed) -> None:
+        self.o.log("debug", f"[{c.step.name}#{c.task_id}] start {c.input_name or '(start)'} attempt {c.attempt}",
+                   step=c.step.name, task=c.task_id, attempt=c.attempt)
+
+    def committed(self, rep: CommitReport) -> None:
+        for r in rep.done:
+            self.o.log("info", f"[{r.step}#{r.task_id}] {r.input_name or '(start)'} done in "
+                               f"{r.finished_at - r.started_at:.2f}s, {len(r.outputs)} output(s)",
+                       step=r.step, task=r.task_id, attempt=r.attempt, input=r.input_name,
+                       seconds=round(r.finished_at - r.started_at, 3), outputs=len(r.outputs))
+        for r in rep.retrying:
+            self.o.log("warning", f"[{r.step}#{r.task_id}] {r.input_name or '(start)'} attempt {r.attempt} failed "
+                                  f"({r.error}); retrying", step=r.step, task=r.task_id, attempt=r.attempt,
+                       input=r.input_name, exit=r.exit_code)
+        for r in rep.failed:
+            self.o.log("error", f"[{r.step}#{r.task_id}] {r.input_name or '(start)'} failed: {r.error}"
+                                + (f": {r.stderr_tail}" if r.stderr_tail else ""),
+                       step=r.step, task=r.task_id, attempt=r.attempt, input=r.input_name, exit=r.exit_code)
+        for r in rep.requeued:
+            self.o.log("info", f"[{r.step}#{r.task_id}] {r.input_name or '(start)'} re-queued ({r.error})",
+                       step=r.step, task=r.task_id, attempt=r.attempt)
+        for key in sorted(rep.unrouted):
+            if key not in self.unrouted_seen:
+                self.unrouted_seen.add(key)
+                self.o.log("warning", f"unrouted: outputs with route key '{key}' went nowhere: no step consumes it; "
+                                      f"they are kept as terminal outputs")
 
     def log(self, level: str, text: str) -> None:
         self.o.log(level, text)
@@ -212,8 +284,8 @@ def table(title: str | None, columns: list[str], rows: list[list], right: Iterab
     for c in columns:
         t.add_column(c, justify="right" if c in right else "left", overflow="fold")
     for r in rows:
-        # cells are data (file names, stderr lines), never rich markup
-        t.add_row(*["" if v is None else escape(str(v)) for v in r])
+        # cells are data (file names, stderr lines), never rich markup nor terminal controls
+        t.add_row(*["" if v is None else escape(one_line(str(v))) for v in r])
     return t
 
 

@@ -5,9 +5,22 @@ between, `-parallel` worker threads take leased tasks from a shared `Board`
 (respecting each step's `parallel` limit), run them (`executor.execute`) and
 post the results, without a trip through the event loop per task. The
 committer flushes the store once per batch, then records the batch in one
-transaction (`state.commit`). The database is reached only through `Db`, one
-call at a time on a thread. Structured concurrency is anyio's: one task group
-holds the leasing loop, the committer, the heartbeat, the drain and the workers.
+transaction (`state.commit`), together with which scripts have started (so
+that `status` counts running scripts, not leases). The database is reached
+only through `Db`, one call at a time on a thread. Structured concurrency is
+anyio's: one task group holds the leasing loop, the committer, the heartbeat,
+the drain and the workers.
+
+Leases. The heartbeat renews this runner's leases on a connection of its own
+(it must never queue behind a long commit) every lease/6 seconds. If it cannot
+renew for 4/5 of a lease (the database locked or unreachable), this runner
+stops its scripts and gives their tasks up: by the time their leases expire
+and another runner takes them, nothing of ours is running them. A renewal that
+finds a task taken by someone else stops that task's script at once.
+
+Failure inside the engine (a worker thread that dies, a heartbeat that
+raises) never leaves it waiting: it stops claiming, gives back what it holds,
+and the run ends with the error.
 """
 
 from __future__ import annotations
@@ -19,7 +32,7 @@ import signal
 import threading
 import time
 from collections import Counter, deque
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 from typing import Callable, Protocol
@@ -29,28 +42,53 @@ import anyio.from_thread
 import anyio.to_thread
 
 from task_pipeline import housekeeping, state
+from task_pipeline.db import Database, DatabaseUnavailable
 from task_pipeline.errors import StoreError
 from task_pipeline.executor import KILL_GRACE, Job, ProcessTable, Slots, execute
 from task_pipeline.report import Summary
 from task_pipeline.state import Claimed, CommitReport, Result
 from task_pipeline.store import Store
 
-
 MAX_WAITING = 4096     # finished results awaiting their commit before claiming pauses (bounds memory)
 LOOKAHEAD = 16         # tasks leased beyond the running ones, so that a finishing worker finds the next
 MAX_BATCH = 512        # results per commit transaction
 COMMIT_WINDOW = 0.02   # seconds a commit waits for more results while workers are busy
+STARTED_FLUSH = 0.5    # seconds within which started scripts are recorded when nothing finishes
+IDLE_POLL = 1.0        # serve: look for work at least this often even if no notification came
+RECONNECT_MAX = 30.0   # serve: longest wait between attempts to reach a lost database
 
 
 class Db:
-    """The store's one SQLite connection, used from one thread at a time."""
+    """The store's database connection, used from one thread at a time.
 
-    def __init__(self, conn) -> None:
-        self.conn = conn
+    With `persist` (serve), a lost connection is one warning line and a reconnection with
+    backoff, after which the call is made again: every state function is one transaction,
+    and a commit replayed after its reply was lost changes nothing (its tokens are spent).
+    """
+
+    def __init__(self, db: Database, *, persist: bool = False, log: Callable[[str, str], None] | None = None) -> None:
+        self.db = db
+        self.persist = persist
+        self.log = log or (lambda level, text: None)
         self._limiter = anyio.CapacityLimiter(1)
 
     async def __call__(self, fn: Callable, *args, **kwargs):
-        return await anyio.to_thread.run_sync(partial(fn, self.conn, *args, **kwargs), limiter=self._limiter)
+        delay = 1.0
+        while True:
+            try:
+                return await anyio.to_thread.run_sync(partial(fn, self.db, *args, **kwargs), limiter=self._limiter)
+            except DatabaseUnavailable as e:
+                if not self.persist:
+                    raise
+                self.log("warning", f"{e}; trying again in {delay:.0f}s")
+            await anyio.sleep(delay)
+            delay = min(delay * 2, RECONNECT_MAX)
+            try:
+                await anyio.to_thread.run_sync(self.db.reconnect, limiter=self._limiter)
+                self.log("info", f"reconnected to the database {self.db.name}")
+                delay = 1.0
+            except DatabaseUnavailable:
+                pass
 
 
 class Reporter(Protocol):
@@ -62,13 +100,16 @@ class Reporter(Protocol):
 @dataclass
 class EngineOptions:
     parallel: int
+    scratch: Path
     steps: frozenset[str] | None = None   # only these steps (None: all)
     fail_fast: bool = False
     until_idle: bool = True                # run: stop when the pipeline is drained; serve: wait for more
-    lease: float = 30.0                    # seconds; renewed every lease/3 while alive
-    poll: float = 0.25                     # serve: how often to look for work made by other processes
+    lease: float = 60.0                    # seconds; renewed every lease/6 while alive
     grace: float = 30.0                    # on stop: how long running scripts may take to finish
     kind: str = "run"
+    persist: bool = False                  # serve: outlive a lost database connection
+    env_drop: tuple[str, ...] = ()         # variables of ours that scripts must not see (secrets)
+    scratch_shared: bool = True            # scratch inside a store directory other hosts might mount too
 
 
 class Board:
@@ -88,12 +129,17 @@ class Board:
         self.queued: dict[str, deque[Claimed]] = {}
         self.running: Counter = Counter()
         self.results: list[Result] = []
+        self.held: dict[int, int] = {}        # every task leased and not yet committed: id -> token
+        self.started: dict[int, int] = {}     # scripts started since the last commit: id -> token
+        self.lost: set[int] = set()           # tasks whose lease went to another runner
         self.closed = False
+        self.fatal: BaseException | None = None
 
     def add(self, claimed: list[Claimed]) -> None:
         with self.cond:
             for c in claimed:
                 self.queued.setdefault(c.step.name, deque()).append(c)
+                self.held[c.task_id] = c.token
             self.cond.notify_all()
 
     def take(self) -> Claimed | None:
@@ -103,7 +149,9 @@ class Board:
                 for name, q in self.queued.items():
                     if q and self.running[name] < (q[0].step.policy.parallel or self.parallel):
                         self.running[name] += 1
-                        return q.popleft()
+                        c = q.popleft()
+                        self.started[c.task_id] = c.token
+                        return c
                 self.cond.wait()
             return None
 
@@ -115,10 +163,33 @@ class Board:
             self.cond.notify_all()  # a step slot is free: a worker waiting for it may go on
             return len(self.results) == 1 or self.n_queued <= self.lookahead // 2
 
-    def collect(self) -> list[Result]:
+    def collect(self, limit: int = MAX_BATCH) -> tuple[list[Result], dict[int, int]]:
         with self.cond:
-            out, self.results = self.results, []
-            return out
+            out, self.results = self.results[:limit], self.results[limit:]
+            started, self.started = self.started, {}
+            return out, started
+
+    def committed(self, results: list[Result]) -> None:
+        with self.cond:
+            for r in results:
+                self.held.pop(r.task_id, None)
+
+    def drop_lost(self, still: set[int]) -> set[int]:
+        """Leases renewed: forget queued tasks we no longer hold; returns the ids lost."""
+        with self.cond:
+            lost = {t for t in self.held if t not in still}
+            if lost:
+                for q in self.queued.values():
+                    for c in [c for c in q if c.task_id in lost]:
+                        q.remove(c)
+                self.lost |= lost
+            return lost
+
+    def fail(self, e: BaseException) -> None:
+        with self.cond:
+            if self.fatal is None:
+                self.fatal = e
+            self.cond.notify_all()
 
     def close(self) -> list[Claimed]:
         """No more tasks are handed out; returns the ones leased but not started."""
@@ -144,13 +215,20 @@ class Board:
             return Counter(self.running), {k: len(q) for k, q in self.queued.items()}
 
 
+@dataclass
+class _Flags:
+    stopping: bool = False
+    reclaimed: float = field(default_factory=time.monotonic)
+    renewed: float = field(default_factory=time.monotonic)
+
+
 async def run_engine(db: Db, store: Store, opts: EngineOptions, reporter: Reporter,
-                     stop: anyio.Event | None = None, wake_source: Callable[[object], object] | None = None) -> Summary:
+                     stop: anyio.Event | None = None, watch: bool = False) -> Summary:
     """Process tasks until the pipeline is drained (`until_idle`) or `stop` is set.
 
-    `wake_source(conn)`, if given, is polled every `opts.poll` seconds on the database
-    thread while the engine waits (the daemon passes the database's data_version), so
-    that work submitted by other processes is seen quickly without claiming in a loop.
+    With `watch`, an idle engine waits for other processes to make work (a submit, a
+    retry, a commit on another host) through the database's watcher, and looks at least
+    every IDLE_POLL seconds anyway.
     """
     owner = state.runner_id()
     # Every task allocates frames and results, which sets off the cyclic garbage collector
@@ -160,109 +238,194 @@ async def run_engine(db: Db, store: Store, opts: EngineOptions, reporter: Report
     gc.freeze()
     gc.set_threshold(50_000, 20, 20)
     await db(state.register_runner, owner, opts.kind)
-    await reclaim(db, store)
+    await reclaim(db, store, opts.scratch, shared=opts.scratch_shared)
     procs = ProcessTable()
-    slots = Slots(store.tmp)
+    slots = Slots(opts.scratch)
     await anyio.to_thread.run_sync(lambda: store.empty)
-    base_env = dict(os.environ)
+    base_env = {k: v for k, v in os.environ.items() if k not in opts.env_drop}
     lookahead = max(opts.parallel, LOOKAHEAD)
     board = Board(opts.parallel, lookahead)
     threads = anyio.CapacityLimiter(opts.parallel)
     summary = Summary()
     committing = [0]   # results collected from the board, being committed
-    flags = {"stopping": False, "reclaimed": time.monotonic()}
+    flags = _Flags()
     wake = [anyio.Event()]      # the main loop: lease more, or decide we are done
     results = [anyio.Event()]   # the committer: results are waiting
+    heart = await anyio.to_thread.run_sync(db.db.sibling) if opts.lease else None
+    watcher = await anyio.to_thread.run_sync(db.db.watcher) if watch else None
 
     def poke() -> None:
         wake[0].set()
         results[0].set()
 
     def work() -> None:
-        """A worker thread's life: run tasks until the board closes."""
-        while (c := board.take()) is not None:
-            reporter.task_started(c)
-            res = execute(Job(c, store, Path(c.workdir or Path.cwd()), base_env), procs, slots)
-            if board.finish(c, res):
+        """A worker thread's life: run tasks until the board closes. If anything escapes
+        `execute` (a bug, a MemoryError), the whole engine hears of it and stops."""
+        try:
+            while (c := board.take()) is not None:
+                reporter.task_started(c)
+                res = execute(Job(c, store, Path(c.workdir or Path.cwd()), base_env), procs, slots)
+                if c.task_id in board.lost and not res.ok:
+                    res.interrupted, res.error = True, "lost its lease (the database could not be reached to renew it)"
+                if board.finish(c, res):
+                    anyio.from_thread.run_sync(poke)
+        except BaseException as e:  # noqa: BLE001 - reported as the run's error
+            board.fail(e)
+            board.close()
+            try:
                 anyio.from_thread.run_sync(poke)
+            except Exception:
+                pass
+            raise
 
     async def worker() -> None:
-        await anyio.to_thread.run_sync(work, limiter=threads)
+        try:
+            await anyio.to_thread.run_sync(work, limiter=threads)
+        except BaseException as e:  # the board knows; the main loop reports it
+            if isinstance(e, anyio.get_cancelled_exc_class()):
+                raise
 
-    def give_back(claimed: list[Claimed]) -> list[Result]:
-        """Stopping: tasks leased but not started go back to the queue (as interrupted attempts)."""
+    def give_back(claimed: list[Claimed], why: str) -> list[Result]:
+        """Tasks leased but not started go back to the queue (no attempt is recorded)."""
         now = time.time()
         return [Result(c.task_id, c.token, c.step.name, c.attempt, c.input_name, ok=False, started_at=now,
-                       finished_at=now, interrupted=True, error="not started: shutting down") for c in claimed]
+                       finished_at=now, interrupted=True, started=False, error=why) for c in claimed]
 
-    async def commit(batch: list[Result]) -> None:
+    async def commit(batch: list[Result], started: dict[int, int]) -> None:
         committing[0] += len(batch)
         try:
             # Objects reach the disk before the rows that refer to them. The flush runs
             # outside the database thread so that claiming goes on meanwhile.
-            await anyio.to_thread.run_sync(_sync, store)
-            rep = await db(state.commit, batch, owner)
+            if any(r.ok for r in batch):
+                await anyio.to_thread.run_sync(_sync, store)
+            rep = await db(state.commit, batch, owner, started)
         except StoreError as e:
             summary.store_error = str(e)
-            flags["stopping"] = True
+            flags.stopping = True
             rep = CommitReport(requeued=batch)
         finally:
             committing[0] -= len(batch)
+        board.committed(batch)
         for r in batch:
             if r.store_trouble:
                 summary.store_error = summary.store_error or r.error
-                flags["stopping"] = True
+                flags.stopping = True
         summary.absorb(rep)
         reporter.committed(rep)
         if rep.failed and opts.fail_fast:
-            flags["stopping"] = True
+            flags.stopping = True
         wake[0].set()
 
     async def committer() -> None:
         while True:
-            await results[0].wait()
+            with anyio.move_on_after(STARTED_FLUSH if board.started else math.inf):
+                await results[0].wait()
             results[0] = anyio.Event()
             # Group commit: let a batch gather while workers are busy, so that one flush and
             # one transaction serve many tasks.
-            if sum(board.snapshot()[0].values()) > 0:
+            if board.results and sum(board.snapshot()[0].values()) > 0:
                 await anyio.sleep(COMMIT_WINDOW)
-            batch = board.collect()
+            batch, started = board.collect()
             if batch:
-                await commit(batch)
+                await commit(batch, started)
+            elif started:
+                await db(state.mark_started, started)
+            if board.results:
+                results[0].set()
 
     async def heartbeat() -> None:
+        """Renew leases on the heartbeat's own connection; see the module's docstring."""
+        assert heart is not None
+        limiter = anyio.CapacityLimiter(1)
+        every = opts.lease / 6
         while True:
-            await anyio.sleep(opts.lease / 3)
-            await db(state.renew, owner, opts.lease)
-            if await reclaim(db, store, exclude=owner):
+            await anyio.sleep(every)
+            with board.cond:
+                held = dict(board.held)
+            try:
+                still = await anyio.to_thread.run_sync(state.renew, heart, owner, held, opts.lease, limiter=limiter)
+            except Exception as e:  # noqa: BLE001 - the watchdog acts if this goes on
+                reporter.log("warning", f"cannot renew leases: {_first_line(e)}")
+                if isinstance(e, DatabaseUnavailable):
+                    try:
+                        await anyio.to_thread.run_sync(heart.reconnect, limiter=limiter)
+                    except Exception:
+                        pass
+                continue
+            flags.renewed = time.monotonic()
+            lost = board.drop_lost(still)
+            if lost:
+                n = procs.kill_tasks(lost)
+                reporter.log("warning", f"{len(lost)} task lease(s) were taken over by another runner; "
+                                        f"stopped {n} script(s) of ours")
+            if opts.lease and await reclaim(db, store, opts.scratch, exclude=owner, shared=opts.scratch_shared):
                 wake[0].set()
+
+    async def watchdog() -> None:
+        """No renewal for 4/5 of a lease: our leases may be expiring; stop our scripts."""
+        while True:
+            await anyio.sleep(1)
+            if time.monotonic() - flags.renewed > opts.lease * 0.8:
+                with board.cond:
+                    mine = set(board.held)
+                if mine:
+                    n = procs.kill_tasks(mine)
+                    board.drop_lost(set())
+                    reporter.log("error", f"could not renew leases for {time.monotonic() - flags.renewed:.0f}s; "
+                                          f"stopped {n} script(s) so that no task runs twice; their tasks go back "
+                                          f"to the queue")
+                flags.renewed = time.monotonic()
 
     async def drain_on_stop() -> None:
         assert stop is not None
         await stop.wait()
-        flags["stopping"] = True
+        flags.stopping = True
         wake[0].set()
         began = time.monotonic()
         # opts.grace is read on every turn: a second signal sets it to 0 to stop at once
         while sum(board.snapshot()[0].values()) > 0 and time.monotonic() - began < opts.grace:
             await anyio.sleep(0.05)
         if sum(board.snapshot()[0].values()) > 0:
+            procs.abandon.set()
             n = procs.signal_all(signal.SIGTERM)
             reporter.log("warning", f"grace period over: stopping {n} running script(s); their tasks go back to the queue")
             await anyio.sleep(KILL_GRACE)
             procs.signal_all(signal.SIGKILL)
 
-    last_seen = await db(wake_source) if wake_source else None
+    async def wait_for_work(timeout: float | None) -> None:
+        """Idle: until poked, `timeout` passes, or (watching) another process may have made work."""
+        deadline = math.inf if timeout is None else time.monotonic() + timeout
+        if watcher is None or flags.stopping:
+            with anyio.move_on_after(deadline - time.monotonic()):
+                await wake[0].wait()
+            return
+        while not wake[0].is_set():
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return
+            step = min(left, IDLE_POLL, 0.25)
+            try:
+                changed = await anyio.to_thread.run_sync(watcher.wait, step, abandon_on_cancel=True)
+            except Exception:  # noqa: BLE001 - a lost listener: poll instead until it is back
+                changed = True
+                await anyio.sleep(step)
+            if changed:
+                return
+
     try:
         async with anyio.create_task_group() as tg:
             tg.start_soon(committer)
-            tg.start_soon(heartbeat)
+            if heart is not None:
+                tg.start_soon(heartbeat)
+                tg.start_soon(watchdog)
             if stop is not None:
                 tg.start_soon(drain_on_stop)
             for _ in range(opts.parallel):
                 tg.start_soon(worker)
             while True:
-                if not flags["stopping"]:
+                if board.fatal is not None:
+                    flags.stopping = True
+                if not flags.stopping:
                     # Lease enough to keep every worker busy plus a batch ahead, and only once half of
                     # that batch is used up, so that one claim transaction serves many tasks.
                     running, queued = board.snapshot()
@@ -276,55 +439,63 @@ async def run_engine(db: Db, store: Store, opts: EngineOptions, reporter: Report
                 else:
                     left = board.close()
                     if left:
-                        await commit(give_back(left))
+                        await commit(give_back(left, "not started: shutting down"), {})
                 total = board.busy + committing[0]
                 timeout: float | None = None  # None: until poked (a result, a commit) or new work appears
                 if total == 0:
-                    if flags["stopping"]:
+                    if flags.stopping:
                         break
                     ol = await db(state.outlook, opts.steps)
                     if opts.until_idle and ol.runnable == 0 and ol.next_due is None and ol.running == 0:
                         break
-                    if ol.runnable == 0 and ol.running > 0 and time.monotonic() - flags["reclaimed"] > 1:
+                    if ol.runnable == 0 and ol.running > 0 and time.monotonic() - flags.reclaimed > 1:
                         # only others' tasks are left: take back at once those of runners that died
-                        flags["reclaimed"] = time.monotonic()
-                        if await reclaim(db, store, exclude=owner):
+                        flags.reclaimed = time.monotonic()
+                        if await reclaim(db, store, opts.scratch, exclude=owner, shared=opts.scratch_shared):
                             continue
                     if ol.runnable:
                         timeout = 0.05  # someone else got there first; look again shortly
                     elif ol.next_due is not None:
-                        timeout = max(0.01, ol.next_due - time.time())  # a retry's backoff ends
+                        timeout = max(0.01, ol.next_due - ol.now)  # a retry's backoff ends
                     elif opts.until_idle:
                         timeout = 0.5  # others are running the rest: their commits may make more
-                if wake_source is not None and not flags["stopping"]:
-                    # Other processes make work too (submit): watch a cheap read-only value for it.
-                    deadline = math.inf if timeout is None else time.monotonic() + timeout
-                    while not wake[0].is_set() and time.monotonic() < deadline:
-                        with anyio.move_on_after(min(opts.poll, deadline - time.monotonic())):
-                            await wake[0].wait()
-                        seen = await db(wake_source)
-                        if seen != last_seen:
-                            last_seen = seen
-                            break
-                else:
-                    with anyio.move_on_after(math.inf if timeout is None else timeout):
-                        await wake[0].wait()
+                    elif watcher is not None:
+                        timeout = IDLE_POLL * 30  # the watcher wakes us; poll now and then regardless
+                await wait_for_work(timeout)
                 wake[0] = anyio.Event()
             board.close()
             tg.cancel_scope.cancel()
     finally:
         board.close()
         with anyio.CancelScope(shield=True):
-            await db(state.unregister_runner, owner)
+            try:
+                await db(state.unregister_runner, owner)
+            except Exception:  # noqa: BLE001 - the row goes stale; gc and others treat it as dead
+                pass
             await anyio.to_thread.run_sync(slots.close)
+            for extra in (heart, watcher):
+                if extra is not None:
+                    await anyio.to_thread.run_sync(extra.close)
+    if board.fatal is not None:
+        raise EngineFailure(f"a worker failed: {type(board.fatal).__name__}: {_first_line(board.fatal)}; "
+                            f"its tasks went back to the queue") from board.fatal
     summary.elapsed = time.monotonic() - summary.started
     return summary
 
 
-async def reclaim(db: Db, store: Store, exclude: str | None = None) -> int:
+class EngineFailure(StoreError):
+    """Something inside the engine failed; leased work was given back."""
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
+
+async def reclaim(db: Db, store: Store, scratch: Path, exclude: str | None = None, shared: bool = True) -> int:
     """Re-queue the tasks of dead runners, after killing the scripts they left running and removing
     their scratch (so that a re-queued task never runs in two places at once)."""
-    await db(housekeeping.reap_dead_scratch, store)
+    await db(housekeeping.reap_dead_scratch, scratch, shared=shared)
     return await db(state.recover, exclude=exclude)
 
 
@@ -338,14 +509,19 @@ def _sync(store: Store) -> None:
 def _caps(pipe: state.Pipeline, *, opts: EngineOptions, running: Counter,
           queued: dict[str, int]) -> dict[str, int]:
     """How many more tasks each step may lease now: its limit plus a look-ahead batch waiting, so that
-    a finishing worker finds the next task ready. Downstream steps come first, so that items flow to
-    the end rather than piling up at the start."""
+    a finishing worker finds the next task ready. A step with its own `parallel` limit leases no more
+    than that limit (which holds across every runner on the store: see state.claim), so that a
+    leased task of it is a running one. Downstream steps come first, so that items flow to the end
+    rather than piling up at the start."""
     caps: dict[str, int] = {}
     for step in reversed(pipe.active):
         if opts.steps is not None and step.name not in opts.steps:
             continue
         have = running[step.name] + queued.get(step.name, 0)
-        n = min(step.policy.parallel or opts.parallel, opts.parallel) + max(opts.parallel, LOOKAHEAD) - have
+        if step.policy.parallel is not None:
+            n = min(step.policy.parallel, opts.parallel) - have
+        else:
+            n = opts.parallel + max(opts.parallel, LOOKAHEAD) - have
         if n > 0:
             caps[step.name] = n
     return caps

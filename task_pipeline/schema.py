@@ -1,9 +1,14 @@
-"""The database schema, in one place, as numbered migrations.
+"""The database schema, in one place, as numbered migrations, for every backend.
 
 A store records its schema version in `meta`. Opening a store applies the
-migrations it lacks, in order, each in its own transaction; a store whose
-version is newer than the last migration here was written by a newer
-task-pipeline and is refused rather than guessed at.
+migrations it lacks, in order, in one transaction; a store whose version is
+newer than the last migration here was written by a newer task-pipeline and is
+refused rather than guessed at.
+
+The SQL is written once. The few types that differ between SQLite and
+PostgreSQL are named in braces and filled in by the driver (`Dialect.types`):
+{id} an auto-numbered 64-bit primary key, {ref} a column that refers to one,
+{int} a 64-bit integer, {real} a double, {without_rowid} SQLite's table option.
 
 Vocabulary:
 - step: one version of a step definition; (name, identity) is unique.
@@ -14,10 +19,15 @@ Vocabulary:
 - task: one step version applied to one input. Identity is
   (step_id, input_name, input_hash, seed); seed is the runset for start tasks
   and '' otherwise. `live = 0` means superseded: kept as history, not current.
+  state 'running' means leased by a runner; `started_at` is set once its
+  script has actually started (so that status counts scripts, not leases).
 - output: the files a done task produced, by name and object hash.
 - attempt: every execution of a task, with its exit status and log objects.
-- runner: processes working on this store (for leases and status).
+- runner: processes working on (or writing to) this store: runners, daemons,
+  and short-lived writers such as submit, so that gc sees them all.
 """
+
+from __future__ import annotations
 
 MIGRATIONS: tuple[str, ...] = (
     # 1: the initial schema
@@ -25,56 +35,56 @@ MIGRATIONS: tuple[str, ...] = (
     CREATE TABLE meta (
         key   TEXT PRIMARY KEY,
         value TEXT NOT NULL
-    ) WITHOUT ROWID;
+    ) {without_rowid};
 
     CREATE TABLE step (
-        id         INTEGER PRIMARY KEY,
+        id         {id},
         name       TEXT NOT NULL,
-        version    INTEGER NOT NULL,
+        version    {int} NOT NULL,
         identity   TEXT NOT NULL,
         script     TEXT NOT NULL,
         shell      TEXT NOT NULL,
         env        TEXT NOT NULL,
-        created_at REAL NOT NULL,
+        created_at {real} NOT NULL,
         UNIQUE (name, version),
         UNIQUE (name, identity)
     );
 
     CREATE TABLE step_current (
         name        TEXT PRIMARY KEY,
-        step_id     INTEGER NOT NULL REFERENCES step(id),
+        step_id     {ref} NOT NULL REFERENCES step(id),
         consumes    TEXT NOT NULL,
         policy      TEXT NOT NULL,
-        is_start    INTEGER NOT NULL,
-        in_manifest INTEGER NOT NULL DEFAULT 1,
-        position    INTEGER NOT NULL DEFAULT 0
-    ) WITHOUT ROWID;
+        is_start    {int} NOT NULL,
+        in_manifest {int} NOT NULL DEFAULT 1,
+        position    {int} NOT NULL DEFAULT 0
+    ) {without_rowid};
 
     CREATE TABLE object (
         hash TEXT PRIMARY KEY,
-        size INTEGER NOT NULL
-    ) WITHOUT ROWID;
+        size {int} NOT NULL
+    ) {without_rowid};
 
     CREATE TABLE task (
-        id            INTEGER PRIMARY KEY,
-        step_id       INTEGER NOT NULL REFERENCES step(id),
+        id            {id},
+        step_id       {ref} NOT NULL REFERENCES step(id),
         input_name    TEXT NOT NULL,
         input_hash    TEXT NOT NULL,
         seed          TEXT NOT NULL DEFAULT '',
         runset        TEXT NOT NULL DEFAULT '',
-        parent_id     INTEGER,
-        replaces      INTEGER,
+        parent_id     {ref},
+        replaces      {ref},
         state         TEXT NOT NULL DEFAULT 'pending',
-        live          INTEGER NOT NULL DEFAULT 1,
-        attempts      INTEGER NOT NULL DEFAULT 0,
-        not_before    REAL NOT NULL DEFAULT 0,
-        token         INTEGER NOT NULL DEFAULT 0,
+        live          {int} NOT NULL DEFAULT 1,
+        attempts      {int} NOT NULL DEFAULT 0,
+        not_before    {real} NOT NULL DEFAULT 0,
+        token         {int} NOT NULL DEFAULT 0,
         lease_owner   TEXT,
-        lease_expires REAL,
-        exit_code     INTEGER,
+        lease_expires {real},
+        exit_code     {int},
         error         TEXT,
-        created_at    REAL NOT NULL,
-        finished_at   REAL,
+        created_at    {real} NOT NULL,
+        finished_at   {real},
         UNIQUE (step_id, input_name, input_hash, seed)
     );
     CREATE INDEX task_queue   ON task(step_id, id) WHERE state = 'pending' AND live = 1;
@@ -84,24 +94,24 @@ MIGRATIONS: tuple[str, ...] = (
     CREATE INDEX task_parent  ON task(parent_id);
 
     CREATE TABLE output (
-        task_id INTEGER NOT NULL REFERENCES task(id),
+        task_id {ref} NOT NULL REFERENCES task(id),
         name    TEXT NOT NULL,
         hash    TEXT NOT NULL,
         key     TEXT NOT NULL,
         PRIMARY KEY (task_id, name)
-    ) WITHOUT ROWID;
+    ) {without_rowid};
     CREATE INDEX output_hash ON output(hash, name);
     CREATE INDEX output_key  ON output(key);
 
     CREATE TABLE attempt (
-        id          INTEGER PRIMARY KEY,
-        task_id     INTEGER NOT NULL REFERENCES task(id),
-        attempt     INTEGER NOT NULL,
+        id          {id},
+        task_id     {ref} NOT NULL REFERENCES task(id),
+        attempt     {int} NOT NULL,
         runner      TEXT NOT NULL,
-        started_at  REAL,
-        finished_at REAL,
+        started_at  {real},
+        finished_at {real},
         outcome     TEXT NOT NULL,
-        exit_code   INTEGER,
+        exit_code   {int},
         error       TEXT,
         stdout_hash TEXT,
         stderr_hash TEXT
@@ -111,12 +121,21 @@ MIGRATIONS: tuple[str, ...] = (
     CREATE TABLE runner (
         id         TEXT PRIMARY KEY,
         host       TEXT NOT NULL,
-        pid        INTEGER NOT NULL,
+        pid        {int} NOT NULL,
         kind       TEXT NOT NULL,
-        started_at REAL NOT NULL,
-        heartbeat  REAL NOT NULL
-    ) WITHOUT ROWID;
+        started_at {real} NOT NULL,
+        heartbeat  {real} NOT NULL
+    ) {without_rowid};
+    """,
+    # 2: when a leased task's script really started (status counts running scripts, not leases)
+    """
+    ALTER TABLE task ADD COLUMN started_at {real};
     """,
 )
 
 SCHEMA_VERSION = len(MIGRATIONS)
+
+
+def statements(migration: str, types: dict[str, str]) -> list[str]:
+    """The statements of one migration, with the driver's types filled in."""
+    return [s.strip() for s in migration.format(**types).split(";") if s.strip()]

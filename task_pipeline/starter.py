@@ -8,16 +8,15 @@ would not load can never reach the user.
 
 from __future__ import annotations
 
-from argparse import Namespace
 import re
+import shlex
 import tomllib
 from pathlib import Path
 
 import tomli_w
 
-from task_pipeline.errors import UsageError
 from task_pipeline.manifest import parse_manifest
-from task_pipeline.report import Output
+from task_pipeline.textsafe import one_line
 
 HEADER = """\
 # task-pipeline manifest: shell-script steps, connected by the names of the files they write.
@@ -25,7 +24,8 @@ HEADER = """\
 # Each step runs its script with INPUT_FILE (its input) and OUTPUT_DIR (an empty directory).
 # Every file left in OUTPUT_DIR is stored by content and routed by its name: the part before
 # the first "_" (without the extension) names the step that gets it, so "process_1.txt" goes
-# to the step "process". Files whose name starts with "done" are final results.
+# to the step "process". A file named "done", or "done_" followed by anything ("done_1.txt",
+# "done.json"), is a final result; "donefoo.txt" is not (its route key is "donefoo").
 #
 #   task-pipeline -manifest {path} -db db -run     process everything, then stop
 #   task-pipeline -manifest {path} -db db serve    keep going: schedules, submitted files, edits
@@ -88,6 +88,8 @@ def _literal(m: re.Match) -> str:
 
 def starter_text(path_label: str = "pipeline.toml") -> str:
     data = {"pipeline": {"workdir": "."}, "step": [step for _, step in STEPS]}
+    # the path appears in comments: quoted for a shell, and without control characters (TOML forbids them)
+    path_label = shlex.quote(one_line(path_label))
     parts = [HEADER.format(path=path_label), PIPELINE_COMMENT,
              tomli_w.dumps({"pipeline": data["pipeline"]}, multiline_strings=True)]
     for comment, step in STEPS:
@@ -98,26 +100,3 @@ def starter_text(path_label: str = "pipeline.toml") -> str:
         raise RuntimeError("bug: the starter manifest does not round-trip")
     parse_manifest(text, file=path_label)
     return text
-
-
-def cmd_init(a: Namespace, out: Output) -> int:
-    if len(a.args) > 1:
-        raise UsageError("usage: task-pipeline init [PATH]  (default ./pipeline.toml)")
-    path = Path(a.args[0]) if a.args else Path("pipeline.toml")
-    if path.is_dir():
-        path = path / "pipeline.toml"
-    if path.exists() or path.is_symlink():
-        raise UsageError(f"{path} already exists; not overwriting it (remove it or give another path: init PATH)")
-    text = starter_text(str(path))
-    try:
-        with open(path, "x", encoding="utf-8") as f:
-            f.write(text)
-    except FileExistsError:
-        raise UsageError(f"{path} already exists; not overwriting it (remove it or give another path: init PATH)") from None
-    except OSError as e:
-        raise UsageError(f"{path}: cannot write: {e.strerror}") from None
-    out.log("info", f"wrote {path}; run it with: task-pipeline -manifest {path} -db db -run")
-    if getattr(a, "hash", None):
-        out.log("info", f"--hash {a.hash} applies when a store is created: pass it to the first run "
-                        f"(task-pipeline -manifest {path} -db db -run --hash {a.hash})")
-    return 0

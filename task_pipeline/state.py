@@ -1,20 +1,24 @@
-"""State: what the SQLite database knows, and every transaction that changes it.
+"""State: what the database knows, and every transaction that changes it.
 
-All functions here are synchronous and take a `sqlite3.Connection`; each public
-mutation is one transaction. The async engine runs them on one database thread
-(see `Db` in scheduler.py), which is what makes "one writer that batches commits"
-cheap: a whole batch of task commits is one call and one transaction, not one
-awaited round trip per statement.
+All functions here are synchronous and take a `Database` (task_pipeline.db): the
+same code runs on SQLite and on PostgreSQL. Each public mutation is one
+transaction. The async engine runs them on one database thread (see `Db` in
+scheduler.py), which is what makes "one writer that batches commits" cheap: a
+whole batch of task commits is one call and one transaction, not one awaited
+round trip per statement.
 
 The central ideas:
 - `register` turns a manifest into step versions and `step_current` rows.
 - A task's identity is (step version, input name, input hash, seed); inserting
   it twice is a no-op, which gives early cutoff for free.
-- `commit` records a batch of finished attempts; a result counts only if the
-  task's fencing token is still the one it was claimed with.
+- `claim` leases tasks (owner, expiry, a fencing token that changes at every
+  claim); `commit` records a batch of finished attempts, and a result counts
+  only if the task's token is still the one it was claimed with.
 - A task that is superseded (`live = 0`) is kept as history. When a task takes
   over from another (migrate, invalidate), outputs the old one had and the new
   one does not are retired, and so are the tasks fed only by them.
+- Times that leases are compared by come from `db.clock()`, the server's clock
+  where there is a server, so that hosts with skewed clocks still agree.
 """
 
 from __future__ import annotations
@@ -22,124 +26,45 @@ from __future__ import annotations
 import json
 import os
 import socket
-import sqlite3
-import time
 from collections import Counter
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
-from task_pipeline.errors import StoreError, UsageError
+from task_pipeline.db import Database
+from task_pipeline.errors import UsageError
 from task_pipeline.manifest import Manifest
 from task_pipeline.routing import Router, is_glob, matches, route_key
-from task_pipeline.schema import MIGRATIONS, SCHEMA_VERSION
 
 PENDING, RUNNING, DONE, FAILED = "pending", "running", "done", "failed"
 MAX_RETRY_DELAY = 3600.0
 
 
-# -- opening ---------------------------------------------------------------
-
-
-def db_path(db_dir: Path) -> Path:
-    return Path(db_dir) / "db"
-
-
-def connect(db_dir: Path, *, create: bool = False, hash_algo: str = "sha256") -> sqlite3.Connection:
-    path = db_path(db_dir)
-    if not path.exists():
-        if not create:
-            raise StoreError(f"{db_dir}: no store here; create one with 'task-pipeline -manifest M -db {db_dir} -run' or pass the right -db")
-        try:
-            Path(db_dir).mkdir(parents=True, exist_ok=True)
-        except OSError as e:
-            raise StoreError(f"{db_dir}: cannot create the store directory: {e.strerror}") from None
-    try:
-        conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=60)
-        conn.row_factory = sqlite3.Row
-        conn.execute("PRAGMA busy_timeout = 60000")
-        conn.execute("PRAGMA journal_mode = WAL")
-        # NORMAL in WAL mode: a process crash loses nothing; a power cut may roll back
-        # the last commits, whose tasks then run again (at-least-once still holds).
-        conn.execute("PRAGMA synchronous = NORMAL")
-        _migrate(conn, hash_algo)
-    except sqlite3.DatabaseError as e:
-        raise StoreError(f"{path}: not a usable task-pipeline database ({e}); restore it from a backup or point -db elsewhere") from None
-    except OSError as e:
-        raise StoreError(f"{path}: cannot open: {e.strerror}") from None
-    return conn
-
-
-def _migrate(conn: sqlite3.Connection, hash_algo: str) -> None:
-    have_meta = conn.execute("SELECT 1 FROM sqlite_master WHERE type='table' AND name='meta'").fetchone()
-    version = 0
-    if have_meta:
-        row = conn.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()
-        version = int(row[0]) if row else 0
-    elif conn.execute("SELECT count(*) FROM sqlite_master").fetchone()[0]:
-        raise StoreError("the database has tables but is not a task-pipeline store; point -db elsewhere")
-    if version > SCHEMA_VERSION:
-        raise StoreError(f"this store was written by a newer task-pipeline (schema {version}, this one knows {SCHEMA_VERSION}); upgrade task-pipeline")
-    if version == SCHEMA_VERSION:
-        return
-    with transaction(conn):
-        # re-read inside the write lock: another process may have created or migrated the store meanwhile
-        if conn.execute("SELECT 1 FROM sqlite_master WHERE type='table' AND name='meta'").fetchone():
-            version = int(conn.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()[0])
-            if version > SCHEMA_VERSION:
-                raise StoreError(f"this store was written by a newer task-pipeline (schema {version}, this one knows {SCHEMA_VERSION}); upgrade task-pipeline")
-        for i in range(version, SCHEMA_VERSION):
-            for stmt in MIGRATIONS[i].split(";"):
-                if stmt.strip():
-                    conn.execute(stmt)
-            if i == 0:
-                conn.executemany("INSERT INTO meta(key, value) VALUES (?, ?)", [
-                    ("hash_algo", hash_algo), ("created_at", repr(time.time())), ("schema_version", "0"),
-                ])
-        conn.execute("UPDATE meta SET value=? WHERE key='schema_version'", (str(SCHEMA_VERSION),))
-
-
-@contextmanager
-def transaction(conn: sqlite3.Connection) -> Iterator[sqlite3.Connection]:
-    _begin(conn)
-    try:
-        yield conn
-    except BaseException:
-        conn.execute("ROLLBACK")
-        raise
-    try:
-        conn.execute("COMMIT")
-    except sqlite3.OperationalError as e:
-        # a failed COMMIT (disk full, I/O error) leaves the transaction open: end it, and say what happened
-        if conn.in_transaction:
-            conn.execute("ROLLBACK")
-        if "full" in str(e) or "disk I/O" in str(e):
-            raise StoreError(f"cannot write the database: {e}; nothing of this transaction was recorded") from None
-        raise
-
-
-def _begin(conn: sqlite3.Connection) -> None:
-    # busy_timeout already waits; this loop covers the rare busy error SQLite
-    # returns without waiting (a deadlock between a reader upgrading and a writer).
-    for delay in (0.01, 0.05, 0.1, 0.5, 1, 2, 5, 10, 30):
-        try:
-            conn.execute("BEGIN IMMEDIATE")
-            return
-        except sqlite3.OperationalError as e:
-            if "locked" not in str(e) and "busy" not in str(e):
-                raise
-            time.sleep(delay)
-    raise StoreError("the database stayed locked for minutes; is another process stuck holding it?")
-
-
-def meta(conn: sqlite3.Connection, key: str, default: str | None = None) -> str | None:
-    row = conn.execute("SELECT value FROM meta WHERE key=?", (key,)).fetchone()
+def meta(db: Database, key: str, default: str | None = None) -> str | None:
+    row = db.execute("SELECT value FROM meta WHERE key=?", (key,)).fetchone()
     return row[0] if row else default
 
 
-def set_meta(conn: sqlite3.Connection, key: str, value: str) -> None:
-    conn.execute("INSERT INTO meta(key, value) VALUES (?, ?) ON CONFLICT(key) DO UPDATE SET value=excluded.value", (key, value))
+def set_meta(db: Database, key: str, value: str) -> None:
+    db.execute("INSERT INTO meta(key, value) VALUES (?, ?) ON CONFLICT(key) DO UPDATE SET value=excluded.value",
+               (key, value))
+
+
+class _Rollback(Exception):
+    pass
+
+
+def dry_run(db: Database, fn: Callable, *args, **kwargs):
+    """Run a mutation in a transaction that is rolled back: what it would do, with nothing changed."""
+    box = []
+    try:
+        with db.transaction():
+            box.append(fn(db, *args, **kwargs))
+            raise _Rollback()
+    except _Rollback:
+        pass
+    return box[0]
 
 
 # -- the registered pipeline -------------------------------------------------
@@ -188,23 +113,23 @@ class Pipeline:
         return s
 
 
-_pipelines: dict[int, tuple[sqlite3.Connection, str | None, Pipeline]] = {}
+_pipelines: dict[int, tuple[Database, str | None, Pipeline]] = {}
 
 
-def load_pipeline(conn: sqlite3.Connection) -> Pipeline:
+def load_pipeline(db: Database) -> Pipeline:
     """The registered pipeline. Every claim and commit needs it, so it is cached per connection
     and rebuilt only when `register` has bumped the generation (from any process)."""
-    gen = meta(conn, "generation")
-    hit = _pipelines.get(id(conn))
-    if hit is not None and hit[0] is conn and hit[1] == gen and gen is not None:
+    gen = meta(db, "generation")
+    hit = _pipelines.get(id(db))
+    if hit is not None and hit[0] is db and hit[1] == gen and gen is not None:
         return hit[2]
-    pipe = _load_pipeline(conn)
-    _pipelines[id(conn)] = (conn, gen, pipe)
+    pipe = _load_pipeline(db)
+    _pipelines[id(db)] = (db, gen, pipe)
     return pipe
 
 
-def _load_pipeline(conn: sqlite3.Connection) -> Pipeline:
-    rows = conn.execute(
+def _load_pipeline(db: Database) -> Pipeline:
+    rows = db.execute(
         """SELECT c.name, c.step_id, s.version, s.script, s.shell, s.env, c.consumes, c.policy,
                   c.is_start, c.in_manifest
            FROM step_current c JOIN step s ON s.id = c.step_id ORDER BY c.position, c.name"""
@@ -218,7 +143,7 @@ def _load_pipeline(conn: sqlite3.Connection) -> Pipeline:
         )
     # start steps take no inputs: a file named after one (fetch_1) is unrouted, not a task of it
     router = Router.build((s.name, s.consumes) for s in steps.values() if s.in_manifest and not s.is_start)
-    wd = meta(conn, "workdir")
+    wd = meta(db, "workdir")
     return Pipeline(steps=steps, router=router, workdir=Path(wd) if wd else None)
 
 
@@ -235,31 +160,51 @@ class Registration:
     restored: Counter = field(default_factory=Counter)
     requeued: Counter = field(default_factory=Counter)
     backfilled: Counter = field(default_factory=Counter)
+    removed: list[str] = field(default_factory=list)
     tainted: dict[str, Taint] = field(default_factory=dict)
 
 
-def register(conn: sqlite3.Connection, manifest: Manifest, now: float | None = None) -> Registration:
+@dataclass(frozen=True)
+class Registered:
+    """Who registered the store's pipeline last: to tell a user who mixed up two stores before anything changes."""
+
+    manifest: str | None
+    host: str | None
+    at: float | None
+    steps: tuple[str, ...]
+
+
+def registered(db: Database) -> Registered:
+    at = meta(db, "registered_at")
+    steps = tuple(r[0] for r in db.execute("SELECT name FROM step_current WHERE in_manifest=1 ORDER BY position, name"))
+    return Registered(meta(db, "manifest"), meta(db, "registered_by"), float(at) if at else None, steps)
+
+
+def register(db: Database, manifest: Manifest) -> Registration:
     """Make the database's pipeline match the manifest. Idempotent; cheap when nothing changed."""
-    now = now or time.time()
     reg = Registration()
-    with transaction(conn):
-        prev = {r["name"]: r for r in conn.execute("SELECT * FROM step_current")}
+    with db.transaction():
+        now = db.clock()
+        prev = {r["name"]: r for r in db.execute("SELECT * FROM step_current")}
         switched: list[tuple[str, int]] = []
         backfill: list[str] = []
         for pos, step in enumerate(manifest.steps):
-            row = conn.execute("SELECT id, version FROM step WHERE name=? AND identity=?", (step.name, step.identity)).fetchone()
+            row = db.execute("SELECT id, version FROM step WHERE name=? AND identity=?",
+                             (step.name, step.identity)).fetchone()
             if row is None:
-                version = conn.execute("SELECT coalesce(max(version), 0) + 1 FROM step WHERE name=?", (step.name,)).fetchone()[0]
-                step_id = conn.execute(
-                    "INSERT INTO step(name, version, identity, script, shell, env, created_at) VALUES (?,?,?,?,?,?,?)",
-                    (step.name, version, step.identity, step.script, step.shell, json.dumps(step.env, sort_keys=True), now),
-                ).lastrowid
+                version = db.execute("SELECT coalesce(max(version), 0) + 1 FROM step WHERE name=?",
+                                     (step.name,)).fetchone()[0]
+                step_id = db.execute(
+                    """INSERT INTO step(name, version, identity, script, shell, env, created_at)
+                       VALUES (?,?,?,?,?,?,?) RETURNING id""",
+                    (step.name, version, step.identity, step.script, step.shell, json.dumps(step.env, sort_keys=True),
+                     now)).fetchone()[0]
             else:
                 step_id, version = row["id"], row["version"]
             consumes = json.dumps(list(step.consumes))
             policy = json.dumps(Policy(step.parallel, step.retries, step.retry_delay, step.timeout, step.schedule).__dict__)
             p = prev.get(step.name)
-            conn.execute(
+            db.execute(
                 """INSERT INTO step_current(name, step_id, consumes, policy, is_start, in_manifest, position)
                    VALUES (?,?,?,?,?,1,?)
                    ON CONFLICT(name) DO UPDATE SET step_id=excluded.step_id, consumes=excluded.consumes,
@@ -269,53 +214,58 @@ def register(conn: sqlite3.Connection, manifest: Manifest, now: float | None = N
             if p is None or p["step_id"] != step_id:
                 old_version = None
                 if p is not None:
-                    old_version = conn.execute("SELECT version FROM step WHERE id=?", (p["step_id"],)).fetchone()[0]
+                    old_version = db.execute("SELECT version FROM step WHERE id=?", (p["step_id"],)).fetchone()[0]
                 if p is not None or row is None:
                     reg.new_versions.append((step.name, old_version, version))
                 if p is not None:
                     switched.append((step.name, step_id))
             if p is None or p["consumes"] != consumes or not p["in_manifest"]:
                 backfill.append(step.name)
-        gone = set(prev) - set(manifest.names)
-        conn.executemany("UPDATE step_current SET in_manifest=0 WHERE name=?", [(n,) for n in gone])
-        set_meta(conn, "workdir", str(manifest.workdir))
-        set_meta(conn, "generation", os.urandom(8).hex())
-        set_meta(conn, "manifest", str(Path(manifest.path).resolve()))
+        gone = sorted(n for n in set(prev) - set(manifest.names) if prev[n]["in_manifest"])
+        reg.removed = gone
+        db.executemany("UPDATE step_current SET in_manifest=0 WHERE name=?", [(n,) for n in gone])
+        set_meta(db, "workdir", str(manifest.workdir))
+        set_meta(db, "generation", os.urandom(8).hex())
+        set_meta(db, "manifest", str(Path(manifest.path).resolve()))
+        set_meta(db, "registered_by", socket.gethostname())
+        set_meta(db, "registered_at", repr(now))
 
-        pipe = load_pipeline(conn)
+        pipe = load_pipeline(db)
         for name, step_id in switched:
-            _follow_version(conn, pipe, name, step_id, reg, now)
+            _follow_version(db, pipe, name, step_id, reg, now)
         for name in backfill:
-            reg.backfilled[name] += _backfill(conn, pipe, pipe.steps[name], now)
-    reg.tainted = tainted(conn)
+            reg.backfilled[name] += _backfill(db, pipe, pipe.steps[name], now)
+        if sum(reg.backfilled.values()) or sum(reg.requeued.values()):
+            db.notify()
+        reg.tainted = tainted(db)
     return reg
 
 
-def _follow_version(conn, pipe: Pipeline, name: str, step_id: int, reg: Registration, now: float) -> None:
+def _follow_version(db: Database, pipe: Pipeline, name: str, step_id: int, reg: Registration, now: float) -> None:
     """The current version of `name` changed: pending work follows it, and results it already has count again."""
-    old = conn.execute(
+    old = db.execute(
         """SELECT t.* FROM task t JOIN step s ON s.id = t.step_id
            WHERE s.name = ? AND t.step_id != ? AND t.live = 1 AND t.state IN ('pending', 'done', 'failed')""",
         (name, step_id),
     ).fetchall()
     for t in old:
         if t["state"] == PENDING:
-            _take_over(conn, pipe, t, step_id, now)
+            _take_over(db, pipe, t, step_id, now)
             reg.requeued[name] += 1
             continue
-        twin = conn.execute(
+        twin = db.execute(
             "SELECT id, state FROM task WHERE step_id=? AND input_name=? AND input_hash=? AND seed=?",
             (step_id, t["input_name"], t["input_hash"], t["seed"]),
         ).fetchone()
         if twin is not None and twin["state"] == DONE:
-            _take_over(conn, pipe, t, step_id, now)
+            _take_over(db, pipe, t, step_id, now)
             reg.restored[name] += 1
 
 
-def _take_over(conn, pipe: Pipeline, old: sqlite3.Row, step_id: int, now: float) -> str:
+def _take_over(db: Database, pipe: Pipeline, old, step_id: int, now: float) -> str:
     """Supersede task `old` by its counterpart on `step_id` (created if needed). Returns 'queued' or 'restored'."""
-    conn.execute("UPDATE task SET live=0 WHERE id=?", (old["id"],))
-    new_id = conn.execute(
+    db.execute("UPDATE task SET live=0 WHERE id=?", (old["id"],))
+    new_id = db.execute(
         """INSERT INTO task(step_id, input_name, input_hash, seed, runset, parent_id, replaces, created_at)
            VALUES (?,?,?,?,?,?,?,?) ON CONFLICT DO NOTHING RETURNING id""",
         (step_id, old["input_name"], old["input_hash"], old["seed"], old["runset"], old["parent_id"],
@@ -323,48 +273,48 @@ def _take_over(conn, pipe: Pipeline, old: sqlite3.Row, step_id: int, now: float)
     ).fetchone()
     if new_id is not None:
         return "queued"
-    twin = conn.execute(
+    twin = db.execute(
         "SELECT id, state FROM task WHERE step_id=? AND input_name=? AND input_hash=? AND seed=?",
         (step_id, old["input_name"], old["input_hash"], old["seed"]),
     ).fetchone()
     replaces = old["id"] if old["state"] == DONE else None
     if twin["state"] == DONE:
-        conn.execute("UPDATE task SET live=1, replaces=NULL WHERE id=?", (twin["id"],))
-        new_outputs = _outputs(conn, twin["id"])
-        gone = [o for o in _outputs(conn, old["id"])] if replaces else []
-        _activate(conn, pipe, twin["id"], new_outputs, _runset(conn, twin["id"]), Counter(), Counter(), now)
-        _retire(conn, [o for o in gone if o not in set(new_outputs)])
+        db.execute("UPDATE task SET live=1, replaces=NULL WHERE id=?", (twin["id"],))
+        new_outputs = _outputs(db, twin["id"])
+        gone = [o for o in _outputs(db, old["id"])] if replaces else []
+        _activate(db, pipe, twin["id"], new_outputs, _runset(db, twin["id"]), Counter(), Counter(), now)
+        _retire(db, [o for o in gone if o not in set(new_outputs)])
         return "restored"
     if twin["state"] == RUNNING:
-        conn.execute("UPDATE task SET live=1, replaces=? WHERE id=?", (replaces, twin["id"]))
+        db.execute("UPDATE task SET live=1, replaces=? WHERE id=?", (replaces, twin["id"]))
     else:
-        conn.execute(
+        db.execute(
             "UPDATE task SET live=1, state='pending', attempts=0, not_before=0, error=NULL, replaces=? WHERE id=?",
             (replaces, twin["id"]),
         )
     return "queued"
 
 
-def _backfill(conn, pipe: Pipeline, step: CurrentStep, now: float) -> int:
+def _backfill(db: Database, pipe: Pipeline, step: CurrentStep, now: float) -> int:
     """Create tasks for current outputs that `step` consumes and has never seen (a new step or new inputs)."""
     if step.is_start:
         return 0
     exact = [p for p in step.consumes if not is_glob(p)]
     globs = [p for p in step.consumes if is_glob(p)]
-    found: list[sqlite3.Row] = []
+    found: list = []
     sql = """SELECT o.task_id, o.name, o.hash, t.runset FROM output o JOIN task t ON t.id = o.task_id
              WHERE t.live = 1 AND t.state = 'done'"""
     for key in exact:
-        found += conn.execute(sql + " AND o.key = ?", (key,)).fetchall()
+        found += db.execute(sql + " AND o.key = ?", (key,)).fetchall()
     if globs:
-        found += [r for r in conn.execute(sql) if matches(globs, r["name"])]
+        found += [r for r in db.execute(sql) if matches(globs, r["name"])]
     made = 0
     seen = set()
     for r in found:
         if (r["name"], r["hash"]) in seen:
             continue
         seen.add((r["name"], r["hash"]))
-        cur = conn.execute(
+        cur = db.execute(
             """INSERT INTO task(step_id, input_name, input_hash, runset, parent_id, created_at)
                VALUES (?,?,?,?,?,?) ON CONFLICT DO NOTHING""",
             (step.step_id, r["name"], r["hash"], r["runset"], r["task_id"], now),
@@ -373,19 +323,19 @@ def _backfill(conn, pipe: Pipeline, step: CurrentStep, now: float) -> int:
     return made
 
 
-def tainted(conn: sqlite3.Connection) -> dict[str, Taint]:
+def tainted(db: Database) -> dict[str, Taint]:
     """Finished tasks (done or failed) of a version that is no longer current, per step.
 
     Counted per old version through the (step_id, state, live) index, so the cost
     follows the number of tainted tasks, not the size of the store.
     """
     out: dict[str, Taint] = {}
-    old_versions = conn.execute(
+    old_versions = db.execute(
         """SELECT c.name, s.id, s.version, cs.version AS current FROM step s
            JOIN step_current c ON c.name = s.name JOIN step cs ON cs.id = c.step_id
-           WHERE s.id != c.step_id ORDER BY c.position, s.version""").fetchall()
+           WHERE s.id != c.step_id AND c.in_manifest = 1 ORDER BY c.position, s.version""").fetchall()
     for r in old_versions:
-        n = conn.execute(
+        n = db.execute(
             "SELECT count(*) FROM task WHERE step_id=? AND state IN ('done', 'failed') AND live=1",
             (r["id"],)).fetchone()[0]
         if n:
@@ -395,74 +345,85 @@ def tainted(conn: sqlite3.Connection) -> dict[str, Taint]:
     return out
 
 
-def counts(conn: sqlite3.Connection, states: Iterable[str] = ("pending", "running")) -> dict[str, Counter]:
+def counts(db: Database, states: Iterable[str] = ("pending", "running")) -> dict[str, Counter]:
     """Live tasks per current step and state, through the index: cheap for the states asked for."""
     out: dict[str, Counter] = {}
-    for s in load_pipeline(conn).steps.values():
+    for s in load_pipeline(db).steps.values():
         c = out[s.name] = Counter()
         for st in states:
-            c[st] = conn.execute("SELECT count(*) FROM task WHERE step_id=? AND state=? AND live=1",
-                                 (s.step_id, st)).fetchone()[0]
+            c[st] = db.execute("SELECT count(*) FROM task WHERE step_id=? AND state=? AND live=1",
+                               (s.step_id, st)).fetchone()[0]
     return out
 
 
-def migrate_tainted(conn: sqlite3.Connection, *, dry_run: bool = False, now: float | None = None) -> dict[str, Taint]:
+def migrate_tainted(db: Database) -> dict[str, Taint]:
     """Re-queue every tainted task on its step's current version; the old task becomes history."""
-    now = now or time.time()
-    with transaction(conn):
-        found = tainted(conn)
-        if dry_run or not found:
+    with db.transaction():
+        now = db.clock()
+        found = tainted(db)
+        if not found:
             return found
-        pipe = load_pipeline(conn)
+        pipe = load_pipeline(db)
         for name in found:
             step_id = pipe.steps[name].step_id
-            rows = conn.execute(
+            rows = db.execute(
                 """SELECT t.* FROM task t JOIN step s ON s.id = t.step_id
                    WHERE s.name = ? AND t.step_id != ? AND t.live = 1 AND t.state IN ('done', 'failed')""",
                 (name, step_id),
             ).fetchall()
             for t in rows:
-                _take_over(conn, pipe, t, step_id, now)
+                _take_over(db, pipe, t, step_id, now)
+        db.notify()
     return found
 
 
 # -- seeding and submitting ------------------------------------------------------
 
 
-def seed_start(conn: sqlite3.Connection, names: Iterable[str], runset: str, now: float | None = None) -> int:
+def seed_start(db: Database, names: Iterable[str], runset: str) -> int:
     """A start task per step and runset; one that exists already is not made again."""
-    now = now or time.time()
     made = 0
-    with transaction(conn):
-        pipe = load_pipeline(conn)
+    with db.transaction():
+        now = db.clock()
+        pipe = load_pipeline(db)
         for name in names:
             step = pipe.require(name)
-            made += conn.execute(
+            # The start task of an older version for this runset is replaced by this version's (a start
+            # step runs once per version): its results give way to the new ones when they commit, and
+            # it is not reported as tainted meanwhile.
+            for old in db.execute(
+                    """SELECT t.* FROM task t JOIN step s ON s.id = t.step_id
+                       WHERE s.name=? AND t.step_id != ? AND t.seed=? AND t.input_hash='' AND t.live=1
+                         AND t.state IN ('pending', 'done', 'failed')""", (name, step.step_id, runset)).fetchall():
+                made += _take_over(db, pipe, old, step.step_id, now) == "queued"
+            made += db.execute(
                 """INSERT INTO task(step_id, input_name, input_hash, seed, runset, created_at)
                    VALUES (?, '', '', ?, ?, ?) ON CONFLICT DO NOTHING""",
                 (step.step_id, runset, runset, now),
             ).rowcount
+        if made:
+            db.notify()
     return made
 
 
-def submit(conn: sqlite3.Connection, items: list[tuple[str, str, int, str | None]], runset: str = "",
-           now: float | None = None) -> list[tuple[str, list[str]]]:
+def submit(db: Database, items: list[tuple[str, str, int, str | None]], runset: str = "") -> list[tuple[str, list[str]]]:
     """Add external inputs: (file name, hash, size, step or None to route by name).
 
     Returns, per item, the steps that got a new task (empty when every one existed).
     """
-    now = now or time.time()
     report = []
-    with transaction(conn):
-        pipe = load_pipeline(conn)
+    with db.transaction():
+        now = db.clock()
+        pipe = load_pipeline(db)
         for name, h, size, step_name in items:
-            conn.execute("INSERT OR IGNORE INTO object(hash, size) VALUES (?, ?)", (h, size))
+            db.execute("INSERT INTO object(hash, size) VALUES (?, ?) ON CONFLICT DO NOTHING", (h, size))
             targets = [pipe.require(step_name).name] if step_name else list(pipe.router.consumers(name))
             if not targets:
-                raise UsageError(f"'{name}' routes to key '{route_key(name)}', which no step consumes; name the step: submit STEP FILE")
+                raise UsageError(f"'{name}' routes to key '{route_key(name)}', which no step consumes; "
+                                 f"name the step: submit STEP FILE")
             made = []
             for t in targets:
-                cur = conn.execute(
+                cur = db.execute(
                     """INSERT INTO task(step_id, input_name, input_hash, runset, created_at)
                        VALUES (?,?,?,?,?) ON CONFLICT DO NOTHING""",
                     (pipe.steps[t].step_id, name, h, runset, now),
@@ -470,7 +431,52 @@ def submit(conn: sqlite3.Connection, items: list[tuple[str, str, int, str | None
                 if cur.rowcount:
                     made.append(t)
             report.append((name, made))
+        if any(made for _, made in report):
+            db.notify()
     return report
+
+
+# -- runners and writers ------------------------------------------------------------
+
+
+def runner_id() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}:{os.urandom(3).hex()}"
+
+
+def register_runner(db: Database, owner: str, kind: str) -> None:
+    host, pid, _ = owner.rsplit(":", 2)
+    with db.transaction():
+        now = db.clock()
+        db.execute(
+            """INSERT INTO runner(id, host, pid, kind, started_at, heartbeat) VALUES (?,?,?,?,?,?)
+               ON CONFLICT(id) DO UPDATE SET heartbeat=excluded.heartbeat""",
+            (owner, host, int(pid), kind, now, now),
+        )
+
+
+def unregister_runner(db: Database, owner: str) -> None:
+    with db.transaction():
+        db.execute("DELETE FROM runner WHERE id=?", (owner,))
+
+
+def beat(db: Database, owner: str) -> None:
+    """A writer that is not a runner (submit) says it is still alive."""
+    with db.transaction(shared=True):
+        db.execute("UPDATE runner SET heartbeat=? WHERE id=?", (db.clock(), owner))
+
+
+@contextmanager
+def writing(db: Database, kind: str) -> Iterator[str]:
+    """Be visible to gc while this process may store objects that it has not committed yet."""
+    owner = runner_id()
+    register_runner(db, owner, kind)
+    try:
+        yield owner
+    finally:
+        try:
+            unregister_runner(db, owner)
+        except Exception:
+            pass  # gone with the database; gc treats a stale row as a dead runner
 
 
 # -- claiming and leases ------------------------------------------------------------
@@ -488,42 +494,34 @@ class Claimed:
     workdir: Path | None
 
 
-def runner_id() -> str:
-    return f"{socket.gethostname()}:{os.getpid()}:{os.urandom(3).hex()}"
-
-
-def register_runner(conn: sqlite3.Connection, owner: str, kind: str, now: float | None = None) -> None:
-    now = now or time.time()
-    host, pid, _ = owner.rsplit(":", 2)
-    with transaction(conn):
-        conn.execute(
-            "INSERT OR REPLACE INTO runner(id, host, pid, kind, started_at, heartbeat) VALUES (?,?,?,?,?,?)",
-            (owner, host, int(pid), kind, now, now),
-        )
-
-
-def unregister_runner(conn: sqlite3.Connection, owner: str) -> None:
-    with transaction(conn):
-        conn.execute("DELETE FROM runner WHERE id=?", (owner,))
-
-
-def claim(conn: sqlite3.Connection, owner: str, caps: Callable[[Pipeline], dict[str, int]], room: int,
-          lease: float, now: float | None = None) -> list[Claimed]:
+def claim(db: Database, owner: str, caps: Callable[[Pipeline], dict[str, int]], room: int,
+          lease: float) -> list[Claimed]:
     """Lease up to `room` runnable tasks, at most `caps(pipeline)[step]` per step, visiting steps
-    in the order `caps` gives and oldest tasks first, in one transaction."""
-    now = now or time.time()
+    in the order `caps` gives and oldest tasks first, in one transaction.
+
+    A step's `parallel` limit counts the tasks leased by every runner on the store (on any
+    host): the step's lock is held while they are counted and claimed.
+    """
     out: list[Claimed] = []
-    with transaction(conn):
-        pipe = load_pipeline(conn)
+    with db.transaction(shared=True):
+        now = db.clock()
+        pipe = load_pipeline(db)
         for name, cap in caps(pipe).items():
             step = pipe.steps.get(name)
             n = min(cap, room - len(out))
             if n <= 0 or step is None or not step.in_manifest:
                 continue
-            rows = conn.execute(
-                """UPDATE task SET state='running', token=token+1, lease_owner=?, lease_expires=?
+            if step.policy.parallel is not None:
+                db.lock(f"step:{step.name}")
+                leased = db.execute("SELECT count(*) FROM task WHERE step_id=? AND state='running'",
+                                    (step.step_id,)).fetchone()[0]
+                n = min(n, step.policy.parallel - leased)
+                if n <= 0:
+                    continue
+            rows = db.execute(
+                f"""UPDATE task SET state='running', token=token+1, lease_owner=?, lease_expires=?, started_at=NULL
                    WHERE id IN (SELECT id FROM task WHERE step_id=? AND state='pending' AND live=1
-                                AND not_before <= ? ORDER BY id LIMIT ?)
+                                AND not_before <= ? ORDER BY id LIMIT ? {db.skip_locked})
                    RETURNING id, token, attempts, input_name, input_hash, runset""",
                 (owner, now + lease, step.step_id, now, n),
             ).fetchall()
@@ -533,11 +531,36 @@ def claim(conn: sqlite3.Connection, owner: str, caps: Callable[[Pipeline], dict[
     return out
 
 
-def renew(conn: sqlite3.Connection, owner: str, lease: float, now: float | None = None) -> None:
-    now = now or time.time()
-    with transaction(conn):
-        conn.execute("UPDATE task SET lease_expires=? WHERE state='running' AND lease_owner=?", (now + lease, owner))
-        conn.execute("UPDATE runner SET heartbeat=? WHERE id=?", (now, owner))
+def renew(db: Database, owner: str, held: dict[int, int], lease: float) -> set[int]:
+    """Extend the leases of the tasks this runner holds (id -> token); returns the ids it still holds.
+
+    Only the tasks named are renewed: a claim whose reply was lost with a connection is
+    left to expire rather than kept alive by a runner that does not know it has it.
+    """
+    still: set[int] = set()
+    with db.transaction(shared=True):
+        now = db.clock()
+        db.execute("UPDATE runner SET heartbeat=? WHERE id=?", (now, owner))
+        ids = list(held)
+        for i in range(0, len(ids), 500):
+            chunk = ids[i:i + 500]
+            marks = ",".join("?" * len(chunk))
+            for r in db.execute(
+                    f"""UPDATE task SET lease_expires=? WHERE state='running' AND lease_owner=? AND id IN ({marks})
+                        RETURNING id, token""", (now + lease, owner, *chunk)):
+                if held.get(r[0]) == r[1]:
+                    still.add(r[0])
+    return still
+
+
+def mark_started(db: Database, started: dict[int, int]) -> None:
+    """Record that the scripts of these leased tasks (id -> token) have started, for status."""
+    if not started:
+        return
+    with db.transaction(shared=True):
+        now = db.clock()
+        db.executemany("UPDATE task SET started_at=? WHERE id=? AND token=? AND state='running'",
+                       [(now, t, tok) for t, tok in started.items()])
 
 
 def _pid_alive(pid: int) -> bool:
@@ -550,63 +573,69 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
-def recover(conn: sqlite3.Connection, now: float | None = None, *, exclude: str | None = None) -> int:
+def recover(db: Database, *, exclude: str | None = None) -> int:
     """Return tasks of dead runners to the queue: at once if the runner was on this host and its
-    process is gone, otherwise when the lease has expired. The lost attempt does not count."""
-    now = now or time.time()
+    process is gone, otherwise when the lease has expired. The lost attempt does not count.
+
+    Decided inside the writers' lock with the clock read there: a runner whose renewal was
+    only waiting for the same lock keeps its tasks if it got there first.
+    """
     host = socket.gethostname()
-    rows = conn.execute("SELECT id, token, attempts, lease_owner, lease_expires FROM task WHERE state='running'").fetchall()
-    lost = []
-    for r in rows:
-        owner = r["lease_owner"] or "?:0:?"
-        if owner == exclude:
-            continue
-        o_host, o_pid, _ = (owner.rsplit(":", 2) + ["", ""])[:3]
-        dead = o_host == host and o_pid.isdigit() and not _pid_alive(int(o_pid))
-        if dead or (r["lease_expires"] or 0) < now:
-            lost.append(r)
-    if not lost:
-        return 0
     n = 0
-    with transaction(conn):
+    with db.transaction():
+        now = db.clock()
+        rows = db.execute("SELECT id, token, attempts, lease_owner, lease_expires FROM task WHERE state='running'").fetchall()
+        lost = []
+        for r in rows:
+            owner = r["lease_owner"] or "?:0:?"
+            if owner == exclude:
+                continue
+            o_host, o_pid, _ = (owner.rsplit(":", 2) + ["", ""])[:3]
+            dead = o_host == host and o_pid.isdigit() and not _pid_alive(int(o_pid))
+            if dead or (r["lease_expires"] or 0) < now:
+                lost.append(r)
         for r in lost:
-            cur = conn.execute(
-                """UPDATE task SET state='pending', lease_owner=NULL, lease_expires=NULL
+            cur = db.execute(
+                """UPDATE task SET state='pending', lease_owner=NULL, lease_expires=NULL, started_at=NULL
                    WHERE id=? AND token=? AND state='running'""", (r["id"], r["token"]))
             if cur.rowcount:
                 n += 1
-                conn.execute(
+                db.execute(
                     "INSERT INTO attempt(task_id, attempt, runner, finished_at, outcome, error) VALUES (?,?,?,?,?,?)",
-                    (r["id"], r["attempts"] + 1, r["lease_owner"] or "?", now, "lost", "runner died or lost its lease; re-queued"),
+                    (r["id"], r["attempts"] + 1, r["lease_owner"] or "?", now, "lost",
+                     "runner died or lost its lease; re-queued"),
                 )
-        live_owners = {r["lease_owner"] for r in lost}
-        conn.executemany("DELETE FROM runner WHERE id=?", [(o,) for o in live_owners if o])
+        owners = {r["lease_owner"] for r in lost}
+        db.executemany("DELETE FROM runner WHERE id=?", [(o,) for o in owners if o])
+        if n:
+            db.notify()
     return n
 
 
 @dataclass(frozen=True)
 class Outlook:
     runnable: int        # pending and due now
-    next_due: float | None  # earliest not_before among pending tasks not yet due
+    next_due: float | None  # earliest not_before among pending tasks not yet due, by the database's clock
     running: int         # leased by anyone
+    now: float           # the database's clock when this was read
 
 
-def outlook(conn: sqlite3.Connection, step_names: Iterable[str] | None = None, now: float | None = None) -> Outlook:
-    now = now or time.time()
-    pipe = load_pipeline(conn)
+def outlook(db: Database, step_names: Iterable[str] | None = None) -> Outlook:
+    now = db.clock()
+    pipe = load_pipeline(db)
     ids = [s.step_id for s in pipe.active if step_names is None or s.name in step_names]
     if not ids:
-        return Outlook(0, None, 0)
+        return Outlook(0, None, 0, now)
     marks = ",".join("?" * len(ids))
-    runnable = conn.execute(
+    runnable = db.execute(
         f"SELECT count(*) FROM task WHERE state='pending' AND live=1 AND step_id IN ({marks}) AND not_before <= ?",
         (*ids, now)).fetchone()[0]
-    next_due = conn.execute(
+    next_due = db.execute(
         f"SELECT min(not_before) FROM task WHERE state='pending' AND live=1 AND step_id IN ({marks}) AND not_before > ?",
         (*ids, now)).fetchone()[0]
-    running = conn.execute(
+    running = db.execute(
         f"SELECT count(*) FROM task WHERE state='running' AND step_id IN ({marks})", ids).fetchone()[0]
-    return Outlook(runnable, next_due, running)
+    return Outlook(runnable, next_due, running, now)
 
 
 # -- committing ------------------------------------------------------------------
@@ -633,6 +662,7 @@ class Result:
     interrupted: bool = False  # killed because we are shutting down: re-queue, don't count
     store_trouble: bool = False  # interrupted because the store or scratch cannot take it (disk full): stop the run
     final: bool = False        # failed in a way a retry cannot mend (its input is missing or damaged)
+    started: bool = True       # False for a leased task given back before its script ran
     retries: int = 0
     retry_delay: float = 1.0
 
@@ -646,36 +676,42 @@ class CommitReport:
     requeued: list[Result] = field(default_factory=list)    # interrupted by shutdown
     created: Counter = field(default_factory=Counter)       # new tasks per step
     unrouted: Counter = field(default_factory=Counter)      # route key -> files
+    seconds: float = 0.0                                     # how long the transaction took
 
 
 def retry_delay(base: float, attempt: int) -> float:
     return min(base * 2 ** max(attempt - 1, 0), MAX_RETRY_DELAY)
 
 
-def commit(conn: sqlite3.Connection, results: list[Result], runner: str, now: float | None = None) -> CommitReport:
+def commit(db: Database, results: list[Result], runner: str, started: dict[int, int] | None = None) -> CommitReport:
     """Record a batch of attempts in one transaction. Each result is all-or-nothing on its own:
-    a result whose token is no longer current (its lease was lost) changes nothing."""
-    now = now or time.time()
+    a result whose token is no longer current (its lease was lost) changes nothing.
+    `started` (id -> token) marks tasks whose scripts started since the last commit."""
     rep = CommitReport()
-    with transaction(conn):
-        pipe = load_pipeline(conn)
+    with db.transaction():
+        now = db.clock()
+        pipe = load_pipeline(db)
+        if started:
+            db.executemany("UPDATE task SET started_at=? WHERE id=? AND token=? AND state='running'",
+                           [(now, t, tok) for t, tok in started.items()])
         objects = []
         for r in results:
             objects += [(h, s) for _, h, s in r.outputs]
             objects += [x for x in (r.stdout, r.stderr) if x]
-        conn.executemany("INSERT OR IGNORE INTO object(hash, size) VALUES (?, ?)", objects)
+        db.executemany("INSERT INTO object(hash, size) VALUES (?, ?) ON CONFLICT DO NOTHING", sorted(set(objects)))
         for r in results:
             if r.interrupted:
-                cur = conn.execute(
-                    """UPDATE task SET state='pending', lease_owner=NULL, lease_expires=NULL
+                cur = db.execute(
+                    """UPDATE task SET state='pending', lease_owner=NULL, lease_expires=NULL, started_at=NULL
                        WHERE id=? AND token=? AND state='running'""", (r.task_id, r.token))
                 if cur.rowcount:
-                    _attempt(conn, r, runner, "interrupted")
+                    if r.started:
+                        _attempt(db, r, runner, "interrupted")
                     rep.requeued.append(r)
                 else:
                     rep.stale.append(r)
             elif r.ok:
-                row = conn.execute(
+                row = db.execute(
                     """UPDATE task SET state='done', attempts=attempts+1, exit_code=0, error=NULL, finished_at=?,
                          lease_owner=NULL, lease_expires=NULL
                        WHERE id=? AND token=? AND state='running' RETURNING live, runset, replaces""",
@@ -685,24 +721,24 @@ def commit(conn: sqlite3.Connection, results: list[Result], runner: str, now: fl
                     continue
                 gone: list[tuple[str, str]] = []
                 if row["replaces"] is not None:
-                    conn.execute("UPDATE task SET replaces=NULL WHERE id=?", (r.task_id,))
-                    gone = _outputs(conn, row["replaces"])
+                    db.execute("UPDATE task SET replaces=NULL WHERE id=?", (r.task_id,))
+                    gone = _outputs(db, row["replaces"])
                     if row["replaces"] == r.task_id:
-                        conn.execute("DELETE FROM output WHERE task_id=?", (r.task_id,))
-                conn.executemany(
+                        db.execute("DELETE FROM output WHERE task_id=?", (r.task_id,))
+                db.executemany(
                     "INSERT INTO output(task_id, name, hash, key) VALUES (?,?,?,?)",
                     [(r.task_id, name, h, route_key(name)) for name, h, _ in r.outputs])
-                _attempt(conn, r, runner, "ok")
+                _attempt(db, r, runner, "ok")
                 rep.done.append(r)
                 if row["live"]:
                     produced = [(name, h) for name, h, _ in r.outputs]
-                    _activate(conn, pipe, r.task_id, produced, row["runset"], rep.created, rep.unrouted, now)
+                    _activate(db, pipe, r.task_id, produced, row["runset"], rep.created, rep.unrouted, now)
                     if gone:
                         keep = set(produced)
-                        _retire(conn, [o for o in gone if o not in keep])
+                        _retire(db, [o for o in gone if o not in keep])
             else:
                 final = r.final or r.attempt > r.retries
-                row = conn.execute(
+                row = db.execute(
                     """UPDATE task SET state=?, attempts=attempts+1, exit_code=?, error=?, finished_at=?, not_before=?,
                          lease_owner=NULL, lease_expires=NULL
                        WHERE id=? AND token=? AND state='running' RETURNING id""",
@@ -711,28 +747,31 @@ def commit(conn: sqlite3.Connection, results: list[Result], runner: str, now: fl
                 if row is None:
                     rep.stale.append(r)
                     continue
-                _attempt(conn, r, runner, "failed")
+                _attempt(db, r, runner, "failed")
                 (rep.failed if final else rep.retrying).append(r)
+        if rep.created or rep.requeued:
+            db.notify()
+        rep.seconds = db.clock() - now
     return rep
 
 
-def _attempt(conn, r: Result, runner: str, outcome: str) -> None:
-    conn.execute(
+def _attempt(db: Database, r: Result, runner: str, outcome: str) -> None:
+    db.execute(
         """INSERT INTO attempt(task_id, attempt, runner, started_at, finished_at, outcome, exit_code, error,
                                stdout_hash, stderr_hash) VALUES (?,?,?,?,?,?,?,?,?,?)""",
         (r.task_id, r.attempt, runner, r.started_at, r.finished_at, outcome, r.exit_code, r.error,
          r.stdout[0] if r.stdout else None, r.stderr[0] if r.stderr else None))
 
 
-def _outputs(conn, task_id: int) -> list[tuple[str, str]]:
-    return [(r[0], r[1]) for r in conn.execute("SELECT name, hash FROM output WHERE task_id=?", (task_id,))]
+def _outputs(db: Database, task_id: int) -> list[tuple[str, str]]:
+    return [(r[0], r[1]) for r in db.execute("SELECT name, hash FROM output WHERE task_id=? ORDER BY name", (task_id,))]
 
 
-def _runset(conn, task_id: int) -> str:
-    return conn.execute("SELECT runset FROM task WHERE id=?", (task_id,)).fetchone()[0]
+def _runset(db: Database, task_id: int) -> str:
+    return db.execute("SELECT runset FROM task WHERE id=?", (task_id,)).fetchone()[0]
 
 
-def _activate(conn, pipe: Pipeline, parent: int, produced: list[tuple[str, str]], runset: str,
+def _activate(db: Database, pipe: Pipeline, parent: int, produced: list[tuple[str, str]], runset: str,
               created: Counter, unrouted: Counter, now: float) -> None:
     """Route a live task's outputs: a task per consumer, or revive one that was retired."""
     stack = [(parent, name, h, runset) for name, h in produced]
@@ -745,55 +784,91 @@ def _activate(conn, pipe: Pipeline, parent: int, produced: list[tuple[str, str]]
             continue
         for c in consumers:
             step_id = pipe.steps[c].step_id
-            cur = conn.execute(
+            cur = db.execute(
                 """INSERT INTO task(step_id, input_name, input_hash, runset, parent_id, created_at)
                    VALUES (?,?,?,?,?,?) ON CONFLICT DO NOTHING""",
                 (step_id, name, h, runset, parent, now))
             if cur.rowcount:
                 created[c] += 1
                 continue
-            row = conn.execute(
+            row = db.execute(
                 """UPDATE task SET live=1 WHERE step_id=? AND input_name=? AND input_hash=? AND seed='' AND live=0
                    RETURNING id, state, runset""", (step_id, name, h)).fetchone()
             if row is not None and row["state"] == DONE:
-                stack += [(row["id"], n2, h2, row["runset"]) for n2, h2 in _outputs(conn, row["id"])]
+                stack += [(row["id"], n2, h2, row["runset"]) for n2, h2 in _outputs(db, row["id"])]
 
 
-def _retire(conn, gone: list[tuple[str, str]]) -> None:
+def _retire(db: Database, gone: list[tuple[str, str]]) -> None:
     """Outputs that stopped being produced: retire the tasks they alone fed, transitively."""
     stack = list(gone)
     while stack:
         name, h = stack.pop()
-        still = conn.execute(
+        still = db.execute(
             """SELECT 1 FROM output o JOIN task t ON t.id = o.task_id
                WHERE o.hash=? AND o.name=? AND t.live=1 AND t.state='done' LIMIT 1""", (h, name)).fetchone()
         if still:
             continue
-        for row in conn.execute(
+        for row in db.execute(
                 """UPDATE task SET live=0 WHERE input_hash=? AND input_name=? AND live=1 AND parent_id IS NOT NULL
                    RETURNING id, state""", (h, name)).fetchall():
             if row["state"] == DONE:
-                stack += _outputs(conn, row["id"])
+                stack += _outputs(db, row["id"])
 
 
 # -- operator actions -------------------------------------------------------------
 
 
-def retry_failed(conn: sqlite3.Connection, step: str | None = None) -> int:
-    with transaction(conn):
-        pipe = load_pipeline(conn)
-        ids = [pipe.require(step).step_id] if step else [s.step_id for s in pipe.steps.values()]
-        marks = ",".join("?" * len(ids))
-        return conn.execute(
-            f"""UPDATE task SET state='pending', attempts=0, not_before=0
-                WHERE state='failed' AND live=1 AND step_id IN ({marks})""", ids).rowcount
+def retry_failed(db: Database, step: str | None = None) -> Counter:
+    """Re-queue failed tasks (of one step, or all); returns how many per step."""
+    out: Counter = Counter()
+    with db.transaction():
+        pipe = load_pipeline(db)
+        steps = [pipe.require(step)] if step else list(pipe.steps.values())
+        for s in steps:
+            n = db.execute(
+                """UPDATE task SET state='pending', attempts=0, not_before=0
+                   WHERE state='failed' AND live=1 AND step_id=?""", (s.step_id,)).rowcount
+            if n:
+                out[s.name] = n
+        if out:
+            db.notify()
+    return out
 
 
-def invalidate(conn: sqlite3.Connection, step: str) -> int:
+def invalidate(db: Database, step: str) -> int:
     """Re-run a step's current finished tasks in place; their old outputs stay current until the new ones commit."""
-    with transaction(conn):
-        s = load_pipeline(conn).require(step)
-        return conn.execute(
+    with db.transaction():
+        s = load_pipeline(db).require(step)
+        n = db.execute(
             """UPDATE task SET state='pending', attempts=0, not_before=0,
                  replaces=CASE WHEN state='done' THEN id ELSE replaces END
                WHERE step_id=? AND live=1 AND state IN ('done', 'failed')""", (s.step_id,)).rowcount
+        if n:
+            db.notify()
+    return n
+
+
+# -- what a run would do --------------------------------------------------------------
+
+
+PLAN_REASONS = ("start", "new input", "re-run", "retry")
+
+
+def plan(db: Database, steps: frozenset[str] | None = None) -> dict[str, Counter]:
+    """Pending work per step and why it is there: a start task, a new input, a re-run of a finished
+    task (migrated or invalidated), or a retry of a failed attempt."""
+    pipe = load_pipeline(db)
+    out: dict[str, Counter] = {}
+    for s in pipe.active:
+        if steps is not None and s.name not in steps:
+            continue
+        c = Counter()
+        for seed, replaces, attempts, n in db.execute(
+                """SELECT seed != '' OR (input_hash = '' AND parent_id IS NULL), replaces IS NOT NULL,
+                          attempts > 0, count(*)
+                   FROM task WHERE step_id=? AND state='pending' AND live=1 GROUP BY 1, 2, 3""", (s.step_id,)):
+            reason = "retry" if attempts else "re-run" if replaces else "start" if seed else "new input"
+            c[reason] += n
+        if c:
+            out[s.name] = c
+    return out

@@ -258,7 +258,7 @@ def test_a_corrupt_database_file_is_a_clear_error(cli, damage):
 def small_disk(cli):
     """The store on a 16 MiB tmpfs with 400 inodes (root only; skipped elsewhere)."""
     cli.db.mkdir()
-    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16m,nr_inodes=400", "tmpfs", str(cli.db)],
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16m,nr_inodes=400,mode=0700", "tmpfs", str(cli.db)],
                        capture_output=True)
     if r.returncode != 0:
         cli.db.rmdir()
@@ -346,16 +346,17 @@ def test_disk_full_while_storing_an_output(cli, small_disk, tmp_path):
 def test_a_full_disk_under_the_database_is_a_store_error(cli, small_disk):
     """A COMMIT that fails for lack of space is rolled back and reported as a StoreError (exit 3)."""
     from task_pipeline import state
+    from task_pipeline.db import open_database
     from task_pipeline.errors import StoreError
 
-    conn = state.connect(small_disk, create=True)
+    conn = open_database(str(small_disk), create=True)
     filler = fill(small_disk, 0)
     with pytest.raises(StoreError, match="cannot write the database"):
-        with state.transaction(conn):
+        with conn.transaction():
             conn.execute("INSERT INTO meta(key, value) VALUES ('big', ?)", ("x" * 400_000,))
     assert not conn.in_transaction
     filler.unlink()
-    with state.transaction(conn):
+    with conn.transaction():
         conn.execute("INSERT INTO meta(key, value) VALUES ('small', 'ok')")
     assert conn.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
     assert state.meta(conn, "big") is None and state.meta(conn, "small") == "ok"
@@ -371,7 +372,7 @@ def test_an_error_inside_the_engine_is_one_line(cli, monkeypatch, capsys):
     def boom(a, out):
         raise ExceptionGroup("unhandled errors in a TaskGroup", [StoreError("cannot write the database: full")])
 
-    monkeypatch.setitem(commands.HANDLERS, "status", boom)
+    monkeypatch.setattr(commands, "handler", lambda command: boom)
     assert cli_module.main(["-db", str(cli.db), "status"]) == 3
     err = capsys.readouterr().err
     assert err.strip() == "task-pipeline: cannot write the database: full"

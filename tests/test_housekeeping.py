@@ -18,6 +18,7 @@ import pytest
 
 from conftest import ROOT
 from task_pipeline import housekeeping, state
+from task_pipeline.db import open_database
 from task_pipeline.store import Store
 
 PIPELINE = """
@@ -195,7 +196,7 @@ def test_gc_refuses_while_a_runner_is_active_unless_forced(cli, tmp_path):
     # a runner elsewhere with a fresh heartbeat: active
     _runner_row(cli.db, "elsewhere.example", 4242, time.time())
     r = cli("-db", cli.db, "gc")
-    assert r.returncode == 2 and "runner(s) active" in r.err and "elsewhere.example:4242" in r.err
+    assert r.returncode == 2 and "active on this store" in r.err and "elsewhere.example:4242" in r.err
     assert "--force" in r.err
     assert cli("-db", cli.db, "gc", "--force").returncode == 0
     # a local runner that was SIGKILLed (pid gone) does not count, whatever its heartbeat says
@@ -279,7 +280,7 @@ def test_the_dedup_touch_protects_an_object_in_process():
     import tempfile
 
     with tempfile.TemporaryDirectory() as d:
-        conn = state.connect(Path(d), create=True)
+        conn = open_database(d, create=True)
         store = Store.at(Path(d))
         store.create_dirs()
         h, _ = store.ingest_bytes(b"same\n")
@@ -288,7 +289,7 @@ def test_the_dedup_touch_protects_an_object_in_process():
         store.ingest_bytes(b"same\n")
         after = obj(Path(d), h).stat().st_ctime
         assert after > before
-        rep = housekeeping.gc(conn, store, cutoff=time.time() - housekeeping.GC_SLACK)
+        rep = housekeeping.gc(conn, store, store.tmp, cutoff=time.time() - housekeeping.GC_SLACK)
         assert rep.removed == 0 and rep.kept_recent == 1
-        rep = housekeeping.gc(conn, store, cutoff=time.time() + 10)
+        rep = housekeeping.gc(conn, store, store.tmp, cutoff=time.time() + 10)
         assert rep.removed == 1

@@ -1,0 +1,91 @@
+"""`status` and `logs`: what the store holds, per step and per task.
+
+`running` counts scripts that have started; `leased` counts tasks a runner has
+claimed whose script has not started yet (a runner claims a little ahead, so
+that a finishing worker finds its next task ready).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from argparse import Namespace
+
+from task_pipeline import queries
+from task_pipeline.commands.common import iso, open_store, print_json
+from task_pipeline.commands.run import last_stderr_line
+from task_pipeline.errors import UsageError
+from task_pipeline.report import Output, failures_table, table
+from task_pipeline.textsafe import block, one_line
+
+LOG_TAIL = 64 * 1024  # bytes of each log `logs` shows (the end is where the error is)
+
+COLUMNS = ("pending", "running", "leased", "done", "failed", "tainted")
+
+
+def cmd_status(a: Namespace, out: Output) -> int:
+    opened = open_store(a)
+    db, store = opened.db, opened.store
+    counts = queries.step_counts(db)
+    age = queries.oldest_pending_age(db)
+    failed = queries.failed_tasks(db, limit=5)
+    for f in failed:
+        f["stderr"] = last_stderr_line(store, f["stderr_hash"])
+    totals = {k: sum(c[k] for c in counts) for k in COLUMNS}
+    if a.json:
+        print_json({"store": opened.loc.describe(), "steps": counts, "totals": totals, "oldest_pending_age": age,
+                    "runners": [{**r, "started_at": iso(r["started_at"]), "heartbeat": iso(r["heartbeat"])}
+                                for r in queries.runners(db)],
+                    "last_failures": [{**f, "finished_at": iso(f["finished_at"])} for f in failed]})
+        return 0
+    show = [c for c in counts if c["in_manifest"] or any(c[k] for k in COLUMNS) or a.history]
+    leased = totals["leased"] > 0
+    cols = [k for k in COLUMNS if k != "leased" or leased]
+    rows = [[c["step"] + ("" if c["in_manifest"] else " (removed)"), f"v{c['version']}", *[c[k] for k in cols],
+             c["last_error"] or ""] for c in show]
+    rows.append(["total", "", *[totals[k] for k in cols], ""])
+    out.print(table(None, ["step", "version", *cols, "last error"], rows, right=cols))
+    if age is not None:
+        out.print(f"oldest pending task: {age:.0f}s old")
+    if failed:
+        out.print(failures_table(failed))
+    return 0
+
+
+def cmd_logs(a: Namespace, out: Output) -> int:
+    ref = a.args[0]
+    if not ref.isdigit() or len(ref) > 19:
+        raise UsageError(f"'{one_line(ref[:40])}' is not a task id; 'task-pipeline status' lists failed tasks with "
+                         f"their ids")
+    opened = open_store(a)
+    store = opened.store
+    info = queries.task_attempts(opened.db, int(ref))
+    if a.json:
+        for at in info["attempts"]:
+            at["started_at"], at["finished_at"] = iso(at["started_at"]), iso(at["finished_at"])
+        print_json(info)
+        return 0
+    tty = sys.stdout.isatty()
+    out.print(f"task {info['task']}: {info['step']} v{info['version']} on {info['input'] or '(start)'}, "
+              f"{info['state']}" + ("" if info["live"] else " (superseded)"))
+    for at in info["attempts"]:
+        dur = (at["finished_at"] - at["started_at"]) if at["started_at"] and at["finished_at"] else None
+        out.print(f"-- attempt {at['attempt']}: {at['outcome']}, exit {at['exit_code']}"
+                  + (f", {dur:.2f}s" if dur is not None else "") + (f": {at['error']}" if at["error"] else ""))
+        for label in ("stdout", "stderr"):
+            h = at[f"{label}_hash"]
+            if h and store.has(h):
+                with store.open(h) as f:
+                    size = os.fstat(f.fileno()).st_size
+                    f.seek(max(size - LOG_TAIL, 0))
+                    data = f.read()
+                if data:
+                    if size > len(data):
+                        data = data.split(b"\n", 1)[-1]
+                    text = data.decode("utf-8", "replace").rstrip("\n")
+                    sys.stdout.write(f"   [{label}]" + (f" (last {len(data)} of {size} bytes)" if size > len(data) else "")
+                                     + "\n")
+                    # on a terminal, a script's escape sequences are shown, not obeyed
+                    sys.stdout.write((block(text) if tty else text) + "\n")
+    sys.stdout.flush()
+    return 0
