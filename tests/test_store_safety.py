@@ -7,14 +7,17 @@ from __future__ import annotations
 
 import hashlib
 import os
+import signal
 import sqlite3
 import stat
 import subprocess
+import sys
 import time
 from pathlib import Path
 
 import pytest
 
+from conftest import ROOT
 from test_hostile import errors_by_step, fill, query, small_disk  # noqa: F401  (small_disk is a fixture)
 
 
@@ -124,28 +127,24 @@ def test_a_hard_linked_output_is_copied_so_the_outside_file_stays_writable_and_t
 def test_a_setsid_straggler_cannot_write_into_a_later_attempts_output_dir(cli):
     m = cli.manifest("""
         [[step]]
-        name = "make"
+        name = "first"
         start = true
-        script = 'for i in 1 2; do echo $i > "$OUTPUT_DIR/work_$i"; done'
+        script = '''
+        # escapes the process group and writes into "its" OUTPUT_DIR a second later
+        setsid sh -c 'sleep 1; echo planted > "$0/done_planted"' "$OUTPUT_DIR" </dev/null >/dev/null 2>&1 &
+        echo go > "$OUTPUT_DIR/second_1"
+        sleep 0.5  # let the straggler leave the process group before the attempt ends
+        '''
 
         [[step]]
-        name = "work"
-        parallel = 1
-        script = '''
-        if [ "$(cat "$INPUT_FILE")" = 1 ]; then
-          # escapes the process group and writes into "its" OUTPUT_DIR a second later
-          setsid sh -c 'sleep 1; echo planted > "$0/done_planted"' "$OUTPUT_DIR" </dev/null >/dev/null 2>&1 &
-        else
-          sleep 2
-        fi
-        echo "worked on $(cat "$INPUT_FILE")" > "$OUTPUT_DIR/done_$INPUT_NAME"
-        '''
+        name = "second"
+        script = 'sleep 2; echo worked > "$OUTPUT_DIR/done_ok"'
         """)
     cli.ok("-manifest", m, "-db", cli.db, "-run", "-parallel", "1")
     time.sleep(0.5)
     names = {n for (n,) in query(cli.db, "SELECT name FROM output")}
     assert "done_planted" not in names
-    assert {"done_work_1", "done_work_2"} <= names
+    assert {"second_1", "done_ok"} <= names
 
 
 # -- 4 and 9. a missing or damaged input object ------------------------------------------------------------
@@ -237,3 +236,247 @@ def test_a_script_that_fails_on_a_full_disk_and_cleans_up_goes_back_to_the_queue
     r = cli.run(m)
     assert r.returncode == 0, r.err
     assert query(cli.db, "SELECT count(*) FROM task WHERE state='done'") == [(2,)]
+
+
+# -- 2. gc while a submit is storing files ---------------------------------------------------------------
+
+
+def test_gc_during_a_submit_keeps_what_the_submit_stored_and_has_not_committed(cli, tmp_path):
+    m = cli.manifest(FIVE)
+    cli.ok("-manifest", m, "-db", cli.db, "-run")
+    early = tmp_path / "early.txt"
+    early.write_text("stored first, referenced last\n")
+    # the submit stores early.txt at once, then waits on stdin before it commits both references
+    p = subprocess.Popen(
+        [sys.executable, "-m", "task_pipeline", "submit", "-db", str(cli.db), "process", str(early), "-"],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=cli.tmp,
+        env={**os.environ, "PYTHONPATH": str(ROOT)})
+    try:
+        h = sha(early.read_bytes())
+        for _ in range(100):
+            if obj(cli.db, h).exists():
+                break
+            time.sleep(0.05)
+        assert obj(cli.db, h).exists()
+        time.sleep(2.5)  # older than gc's slack by now
+        r = cli("-db", cli.db, "gc")
+        assert r.returncode == 2 and "submit" in r.err and "active on this store" in r.err, r.err
+        r = cli.ok("-db", cli.db, "gc", "--force", "--json")
+        assert obj(cli.db, h).exists(), r.out
+    finally:
+        out, err = p.communicate(b"late stdin\n", timeout=30)
+    assert p.returncode == 0, err
+    assert cli("-db", cli.db, "fsck").returncode == 0
+    cli.ok("-manifest", m, "-db", cli.db, "-run")
+    assert query(cli.db, "SELECT count(*) FROM task WHERE state='done'") == [(2,)]
+
+
+# -- 3. a database file that lost its contents ---------------------------------------------------------------
+
+
+def test_a_zero_length_database_next_to_objects_is_refused_and_nothing_is_deleted(cli):
+    m = cli.manifest(FIVE + """
+        [[step]]
+        name = "gen"
+        start = true
+        script = 'for i in 1 2 3; do echo $i > "$OUTPUT_DIR/process_$i"; done'
+        """)
+    cli.ok("-manifest", m, "-db", cli.db, "-run")
+    objects = sorted(p for p in (cli.db / "objects").rglob("*") if p.is_file())
+    assert len(objects) >= 4
+    for extra in ("db-wal", "db-shm"):
+        (cli.db / extra).unlink(missing_ok=True)
+    (cli.db / "db").write_bytes(b"")
+    for args in (["status"], ["fsck"], ["gc"], ["gc", "--force"], ["export", "done"]):
+        r = cli("-db", cli.db, *args)
+        assert r.returncode == 3 and "empty" in r.err and "Traceback" not in r.err, (args, r.err)
+        assert len(r.err.strip().splitlines()) == 1
+    r = cli("-manifest", m, "-db", cli.db, "-run")
+    assert r.returncode == 3 and "holds objects" in r.err, r.err
+    assert sorted(p for p in (cli.db / "objects").rglob("*") if p.is_file()) == objects
+    assert (cli.db / "db").stat().st_size == 0
+
+
+# -- 6. permissions, ownership, planted symlinks ---------------------------------------------------------------
+
+
+def _modes(root: Path) -> dict[str, int]:
+    return {str(p.relative_to(root)): stat.S_IMODE(p.lstat().st_mode) for p in [root, *root.rglob("*")]}
+
+
+def test_a_store_made_under_umask_000_is_not_writable_by_others(cli, tmp_path):
+    m = cli.manifest(FIVE + """
+        [[step]]
+        name = "gen"
+        start = true
+        script = 'echo 1 > "$OUTPUT_DIR/process_1"'
+        """)
+    r = subprocess.run(["sh", "-c", 'umask 000; exec "$0" -m task_pipeline run "$1" -db "$2"', sys.executable,
+                        str(m), str(cli.db)], cwd=cli.tmp, env={**os.environ, "PYTHONPATH": str(ROOT)},
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    modes = _modes(cli.db)
+    assert modes["."] == 0o750 and modes["objects"] == 0o750 and modes["tmp"] == 0o700
+    assert modes["db"] == 0o600
+    for path, mode in modes.items():
+        assert not mode & 0o002, f"{path} is writable by others ({mode:o})"
+        if path.startswith("objects/") and path.count("/") == 3:
+            assert mode == 0o444, (path, oct(mode))
+        elif path.startswith("objects/"):
+            assert mode == 0o750, (path, oct(mode))
+
+
+def test_a_world_writable_or_foreign_store_is_refused(cli):
+    m = cli.manifest(FIVE)
+    cli.ok("-manifest", m, "-db", cli.db, "-run")
+    os.chmod(cli.db / "tmp", 0o777)
+    r = cli("-db", cli.db, "status")
+    assert r.returncode == 3 and "writable by every user" in r.err and "chmod o-w" in r.err, r.err
+    os.chmod(cli.db / "tmp", 0o700)
+    cli.ok("-db", cli.db, "status")
+    if os.geteuid() != 0:
+        pytest.skip("changing a store's owner needs root")
+    os.chown(cli.db, 65534, -1)
+    try:
+        r = cli("-db", cli.db, "status")
+        assert r.returncode == 3 and "belongs to" in r.err, r.err
+    finally:
+        os.chown(cli.db, 0, -1)
+
+
+def test_a_symlink_planted_in_objects_is_never_followed(cli, tmp_path):
+    m, hashes = _five_submitted(cli, tmp_path)
+    attacker = tmp_path / "attacker.txt"
+    attacker.write_text("attacker's content\n")
+    p = obj(cli.db, hashes[0])
+    p.unlink()
+    p.symlink_to(attacker)
+    r = cli("-db", cli.db, "cat", hashes[0])
+    assert r.returncode == 3 and b"attacker" not in r.stdout and "symlink" in r.err, r.err
+    r = cli.run(m)
+    assert r.returncode == 1
+    assert "symlink" in errors_by_step(cli.db)["process"]
+    assert not obj(cli.db, sha(b"ATTACKER'S CONTENT\n")).exists()
+    r = cli("-db", cli.db, "fsck")
+    assert r.returncode == 1 and "not a regular file" in r.err
+
+
+def test_another_user_cannot_plant_anything_in_a_store(cli, tmp_path):
+    if os.geteuid() != 0:
+        pytest.skip("needs root to act as a second user")
+    import pwd
+
+    try:
+        other = pwd.getpwnam("nobody")
+    except KeyError:
+        pytest.skip("no user 'nobody'")
+    m = cli.manifest(FIVE + """
+        [[step]]
+        name = "gen"
+        start = true
+        script = 'sleep 3; echo 1 > "$OUTPUT_DIR/process_1"'
+        """)
+    os.chmod(tmp_path, 0o755)
+    run = subprocess.Popen([sys.executable, "-m", "task_pipeline", "run", str(m), "-db", str(cli.db)], cwd=cli.tmp,
+                           env={**os.environ, "PYTHONPATH": str(ROOT)}, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        for _ in range(100):
+            if (cli.db / "tmp").exists() and any((cli.db / "tmp").iterdir()):
+                break
+            time.sleep(0.05)
+        victim = tmp_path / "root-only"
+        victim.write_text("root's secret\n")
+        victim.chmod(0o600)
+        for target in ("tmp/planted", "objects/planted", "planted"):
+            r = subprocess.run(["runuser", "-u", other.pw_name, "--", "ln", "-s", str(victim), str(cli.db / target)],
+                               capture_output=True, text=True)
+            assert r.returncode != 0, f"nobody could plant {target}"
+    finally:
+        out, err = run.communicate(timeout=60)
+    assert run.returncode == 0, err
+    assert victim.read_text() == "root's secret\n"
+
+
+# -- 11. a heartbeat kept from the database ---------------------------------------------------------------
+
+
+def test_a_runner_that_cannot_renew_stops_its_scripts_so_no_task_runs_twice(cli, tmp_path):
+    """Another connection holds the write lock longer than a lease: the runner stops its own scripts
+    before its leases expire, and the second runner's copies never overlap them."""
+    log = tmp_path / "runs.log"
+    m = cli.manifest(f"""
+        [[step]]
+        name = "gen"
+        start = true
+        script = 'for i in 1 2 3 4; do echo $i > "$OUTPUT_DIR/work_$i"; done'
+
+        [[step]]
+        name = "work"
+        script = '''
+        echo "start $INPUT_NAME $$ $(date +%s.%N)" >> {log}
+        sleep 8
+        echo "end $INPUT_NAME $$ $(date +%s.%N)" >> {log}
+        echo ok > "$OUTPUT_DIR/done_$INPUT_NAME"
+        '''
+        """)
+    cli.ok("-manifest", m, "-db", cli.db, "-run", "-step", "gen")
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    first = subprocess.Popen([sys.executable, "-m", "task_pipeline", "run", str(m), "-db", str(cli.db), "--lease", "6",
+                              "-parallel", "4"], cwd=cli.tmp, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    for _ in range(200):
+        if log.exists() and log.read_text().count("start") == 4:
+            break
+        time.sleep(0.05)
+    # hold the write lock for 9 s: longer than the lease, like a long gc or a backup
+    holder = sqlite3.connect(cli.db / "db", timeout=30, isolation_level=None)
+    holder.execute("BEGIN IMMEDIATE")
+    second = subprocess.Popen([sys.executable, "-m", "task_pipeline", "run", str(m), "-db", str(cli.db), "--lease", "6",
+                               "-parallel", "4"], cwd=cli.tmp, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    time.sleep(9)
+    holder.execute("COMMIT")
+    holder.close()
+    _, err1 = first.communicate(timeout=120)
+    _, err2 = second.communicate(timeout=120)
+    err1, err2 = err1.decode(), err2.decode()
+    assert "could not renew leases" in err1, err1
+    assert "Traceback" not in err1 + err2
+    cli.ok("-manifest", m, "-db", cli.db, "-run")
+    assert query(cli.db, "SELECT count(*) FROM task WHERE state='done'") == [(5,)]
+    # no input ran in two places at once
+    spans: dict[str, list[tuple[float, float]]] = {}
+    starts: dict[str, float] = {}
+    for line in log.read_text().splitlines():
+        what, name, pid, t = line.split()
+        if what == "start":
+            starts[pid] = float(t)
+        else:
+            spans.setdefault(name, []).append((starts.pop(pid), float(t)))
+    for pid, t0 in starts.items():  # killed before they ended: they ran until the kill, at the latest now
+        name = next(ln.split()[1] for ln in log.read_text().splitlines() if ln.split()[2] == pid)
+        spans.setdefault(name, []).append((t0, t0 + 4.8 + 1.0))
+    for name, s in spans.items():
+        s.sort()
+        for (a0, a1), (b0, b1) in zip(s, s[1:]):
+            assert b0 >= a1 - 0.2, f"{name} ran twice at once: {s}"
+
+
+# -- 12. a huge sparse output does not hold up a stop ---------------------------------------------------------
+
+
+def test_sigterm_stops_a_run_that_is_hashing_a_huge_sparse_output(cli):
+    m = cli.manifest("""
+        [[step]]
+        name = "big"
+        start = true
+        script = 'truncate -s 1T "$OUTPUT_DIR/done_sparse"'
+        """)
+    p = subprocess.Popen([sys.executable, "-m", "task_pipeline", "run", str(m), "-db", str(cli.db), "--grace", "1"],
+                         cwd=cli.tmp, env={**os.environ, "PYTHONPATH": str(ROOT)}, stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE)
+    time.sleep(2)
+    p.send_signal(signal.SIGTERM)
+    t0 = time.monotonic()
+    _, err = p.communicate(timeout=60)
+    assert time.monotonic() - t0 < 15, "the stop waited for the hash"
+    assert p.returncode == 143, err
+    assert query(cli.db, "SELECT state FROM task") == [("pending",)]

@@ -117,7 +117,7 @@ def migrate(db: Database, hash_algo: str, *, create: bool, objects_hint: str | N
     if version is None and not create:
         raise StoreError(f"{db.name}: no task-pipeline store here (the database has no tables yet); create one "
                          f"with 'task-pipeline run -manifest M -db {db.name}' or pass the right -db")
-    if version is None and objects_hint and _has_objects(objects_hint):
+    if version is None and objects_hint and has_objects(objects_hint):
         raise StoreError(f"{db.name}: the database is empty, but {objects_hint} holds objects: the store's "
                          f"state is lost or was never here; restore the database from a backup, or point -db "
                          f"at the right one (nothing was changed)")
@@ -161,7 +161,7 @@ def _check_version(version: int) -> None:
                          f"{SCHEMA_VERSION}); upgrade task-pipeline")
 
 
-def _has_objects(objects: str) -> bool:
+def has_objects(objects: str) -> bool:
     import os
 
     try:

@@ -215,6 +215,13 @@ def connect(db_dir: str, *, create: bool = False, objects_hint: str | None = Non
         if st.st_size == 0 and not create:
             raise StoreError(f"{path}: the database file is empty (0 bytes), so this store's state is lost; "
                              f"restore it from a backup (nothing was changed)")
+    if create and (st is None or st.st_size == 0) and objects_hint:
+        from task_pipeline.db import has_objects
+
+        if has_objects(objects_hint):
+            what = "is empty (0 bytes)" if st is not None else "is missing"
+            raise StoreError(f"{path}: the database {what}, but {objects_hint} holds objects: this store's state is "
+                             f"lost; restore the database from a backup, or point -db elsewhere (nothing was changed)")
     db = SQLiteDatabase(path, _open(path))
     if st is None:
         try:
