@@ -409,8 +409,55 @@ async def run_engine(db: Db, store: Store, opts: EngineOptions, reporter: Report
             except Exception:  # noqa: BLE001 - a lost listener: poll instead until it is back
                 changed = True
                 await anyio.sleep(step)
+                try:
+                    await anyio.to_thread.run_sync(watcher.reconnect)
+                except Exception:  # noqa: BLE001 - still down; the next wait tries again
+                    pass
             if changed:
                 return
+
+    async def main_loop() -> None:
+        while True:
+            if board.fatal is not None:
+                flags.stopping = True
+            if not flags.stopping:
+                # Lease enough to keep every worker busy plus a batch ahead, and only once half of
+                # that batch is used up, so that one claim transaction serves many tasks.
+                running, queued = board.snapshot()
+                n_queued = sum(queued.values())
+                room = opts.parallel + lookahead - sum(running.values()) - n_queued
+                if committing[0] + len(board.results) >= MAX_WAITING or n_queued > lookahead // 2:
+                    room = 0
+                if room > 0:
+                    caps = partial(_caps, opts=opts, running=running, queued=queued)
+                    board.add(await db(state.claim, owner, caps, room, opts.lease))
+            else:
+                left = board.close()
+                if left:
+                    await commit(give_back(left, "not started: shutting down"), {})
+            total = board.busy + committing[0]
+            timeout: float | None = None  # None: until poked (a result, a commit) or new work appears
+            if total == 0:
+                if flags.stopping:
+                    break
+                ol = await db(state.outlook, opts.steps)
+                if opts.until_idle and ol.runnable == 0 and ol.next_due is None and ol.running == 0:
+                    break
+                if ol.runnable == 0 and ol.running > 0 and time.monotonic() - flags.reclaimed > 1:
+                    # only others' tasks are left: take back at once those of runners that died
+                    flags.reclaimed = time.monotonic()
+                    if await reclaim(db, store, opts.scratch, exclude=owner, shared=opts.scratch_shared):
+                        continue
+                if ol.runnable:
+                    timeout = 0.05  # someone else got there first; look again shortly
+                elif ol.next_due is not None:
+                    timeout = max(0.01, ol.next_due - ol.now)  # a retry's backoff ends
+                elif opts.until_idle:
+                    timeout = 0.5  # others are running the rest: their commits may make more
+                elif watcher is not None:
+                    timeout = IDLE_POLL * 30  # the watcher wakes us; poll now and then regardless
+            await wait_for_work(timeout)
+            wake[0] = anyio.Event()
 
     try:
         async with anyio.create_task_group() as tg:
@@ -422,47 +469,15 @@ async def run_engine(db: Db, store: Store, opts: EngineOptions, reporter: Report
                 tg.start_soon(drain_on_stop)
             for _ in range(opts.parallel):
                 tg.start_soon(worker)
-            while True:
-                if board.fatal is not None:
-                    flags.stopping = True
-                if not flags.stopping:
-                    # Lease enough to keep every worker busy plus a batch ahead, and only once half of
-                    # that batch is used up, so that one claim transaction serves many tasks.
-                    running, queued = board.snapshot()
-                    n_queued = sum(queued.values())
-                    room = opts.parallel + lookahead - sum(running.values()) - n_queued
-                    if committing[0] + len(board.results) >= MAX_WAITING or n_queued > lookahead // 2:
-                        room = 0
-                    if room > 0:
-                        caps = partial(_caps, opts=opts, running=running, queued=queued)
-                        board.add(await db(state.claim, owner, caps, room, opts.lease))
-                else:
-                    left = board.close()
-                    if left:
-                        await commit(give_back(left, "not started: shutting down"), {})
-                total = board.busy + committing[0]
-                timeout: float | None = None  # None: until poked (a result, a commit) or new work appears
-                if total == 0:
-                    if flags.stopping:
-                        break
-                    ol = await db(state.outlook, opts.steps)
-                    if opts.until_idle and ol.runnable == 0 and ol.next_due is None and ol.running == 0:
-                        break
-                    if ol.runnable == 0 and ol.running > 0 and time.monotonic() - flags.reclaimed > 1:
-                        # only others' tasks are left: take back at once those of runners that died
-                        flags.reclaimed = time.monotonic()
-                        if await reclaim(db, store, opts.scratch, exclude=owner, shared=opts.scratch_shared):
-                            continue
-                    if ol.runnable:
-                        timeout = 0.05  # someone else got there first; look again shortly
-                    elif ol.next_due is not None:
-                        timeout = max(0.01, ol.next_due - ol.now)  # a retry's backoff ends
-                    elif opts.until_idle:
-                        timeout = 0.5  # others are running the rest: their commits may make more
-                    elif watcher is not None:
-                        timeout = IDLE_POLL * 30  # the watcher wakes us; poll now and then regardless
-                await wait_for_work(timeout)
-                wake[0] = anyio.Event()
+            try:
+                await main_loop()
+            except BaseException:
+                # the database is gone or something broke: running scripts cannot be committed, so stop
+                # them now rather than let the task group wait for them to end by themselves
+                board.close()
+                procs.abandon.set()
+                procs.signal_all(signal.SIGKILL)
+                raise
             board.close()
             tg.cancel_scope.cancel()
     finally:

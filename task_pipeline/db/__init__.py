@@ -35,6 +35,7 @@ class Cursor(Protocol):
 class Watcher(Protocol):
     def wait(self, timeout: float) -> bool:
         """Block until another process may have changed the store (True) or `timeout` passes (False)."""
+    def reconnect(self) -> None: ...
     def close(self) -> None: ...
 
 
@@ -71,6 +72,9 @@ class Database(Protocol):
     def integrity(self) -> list[str]:
         """Problems the engine's own integrity check finds (empty when sound)."""
     def has_table(self, name: str) -> bool: ...
+    def retryable(self, e: BaseException) -> bool:
+        """A transaction that failed only because of a concurrent one (a deadlock): run it again."""
+    def reconnect(self) -> None: ...
     def close(self) -> None: ...
 
     @property

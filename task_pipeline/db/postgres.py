@@ -228,6 +228,10 @@ class ListenWatcher:
             raise self.db._lost(e) from None
         return False
 
+    def reconnect(self) -> None:
+        self.db.reconnect()
+        self.db.execute(f"LISTEN {CHANNEL}")
+
     def close(self) -> None:
         self.db.close()
 

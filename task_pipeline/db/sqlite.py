@@ -157,6 +157,9 @@ class DataVersionWatcher:
                 return False
             time.sleep(min(WATCH_POLL, left))
 
+    def reconnect(self) -> None:
+        pass
+
     def close(self) -> None:
         self.conn.close()
 
