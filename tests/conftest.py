@@ -1,4 +1,8 @@
-"""Shared fixtures: run the real CLI in a subprocess against a real store in tmp_path."""
+"""Shared fixtures: run the real CLI in a subprocess against a real store in tmp_path.
+
+Modules marked `pytest.mark.backends` run every test that uses `cli` twice: on a store
+directory (SQLite) and on PostgreSQL (see backends.py).
+"""
 
 from __future__ import annotations
 
@@ -10,7 +14,10 @@ from pathlib import Path
 
 import pytest
 
+import backends
+
 ROOT = Path(__file__).resolve().parent.parent
+pytest_plugins = ["servers", "netns"]  # real PostgreSQL and S3 servers, network-namespace hosts
 
 
 def run_cli(*args: str, cwd: Path | None = None, env: dict | None = None, timeout: float = 120,
@@ -23,9 +30,22 @@ def run_cli(*args: str, cwd: Path | None = None, env: dict | None = None, timeou
 
 
 class CLI:
-    def __init__(self, tmp: Path) -> None:
+    def __init__(self, tmp: Path, backend: str = "sqlite", url: str | None = None,
+                 env: dict | None = None) -> None:
         self.tmp = tmp
         self.db = tmp / "db"
+        self.backend = backend
+        self.url = url            # the PostgreSQL store's URL (no password in it)
+        self.env = env or {}      # what the CLI needs to reach it (the password file)
+
+    def argv(self, *args) -> list[str]:
+        """The arguments as the CLI gets them: `-db DB` becomes the PostgreSQL store on that backend."""
+        args = [str(a) for a in args]
+        return backends.rewrite(args, self.db, self.url) if self.url else args
+
+    def environ(self, env: dict | None = None) -> dict:
+        return {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+                **self.env, **(env or {})}
 
     def manifest(self, text: str, name: str = "pipeline.toml") -> Path:
         p = self.tmp / name
@@ -33,7 +53,8 @@ class CLI:
         return p
 
     def __call__(self, *args, **kw) -> subprocess.CompletedProcess:
-        r = run_cli(*args, cwd=self.tmp, **kw)
+        kw["env"] = {**self.env, **(kw.get("env") or {})}
+        r = run_cli(*self.argv(*args), cwd=self.tmp, **kw)
         r.out = r.stdout.decode("utf-8", "replace")
         r.err = r.stderr.decode("utf-8", "replace")
         return r
@@ -47,6 +68,29 @@ class CLI:
         return r
 
 
+def pytest_configure(config) -> None:
+    config.addinivalue_line("markers", "backends: run each test on SQLite and on PostgreSQL")
+
+
+def pytest_generate_tests(metafunc) -> None:
+    if "cli" in metafunc.fixturenames and metafunc.definition.get_closest_marker("backends"):
+        metafunc.parametrize("cli", ["sqlite", "postgres"], indirect=True)
+
+
 @pytest.fixture
-def cli(tmp_path: Path) -> CLI:
-    return CLI(tmp_path)
+def cli(request, tmp_path: Path):
+    backend = getattr(request, "param", "sqlite")
+    if backend == "sqlite":
+        yield CLI(tmp_path)
+        return
+    server = request.getfixturevalue("pg_server")
+    name = server.create_database()
+    c = CLI(tmp_path, "postgres", server.url(name),
+            {"TASK_PIPELINE_DB_PASSWORD_FILE": str(server.password_file(tmp_path))})
+    backends.register_pg(c.db, server.url(name, with_password=True))
+    try:
+        yield c
+    finally:
+        backends.forget(c.db)
+        server.ensure_running()
+        server.drop_database(name)

@@ -8,7 +8,6 @@ import json
 import os
 import random
 import signal
-import sqlite3
 import subprocess
 import sys
 import time
@@ -17,7 +16,10 @@ from pathlib import Path
 
 import pytest
 
+import backends
 from conftest import CLI, ROOT
+
+pytestmark = pytest.mark.backends
 
 # Every script appends "start|end TASK_ID SHELL_PID TIME" to $STARTS_LOG (outside the store, O_APPEND),
 # so that the test can see every execution, including those of killed runners.
@@ -70,17 +72,13 @@ def env_for(log: Path, **extra) -> dict:
 
 
 def spawn_run(cli: CLI, manifest: Path, env: dict, *extra: str) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "task_pipeline", "-manifest", str(manifest), "-db", str(cli.db),
-                             "-run", "-q", *extra], cwd=cli.tmp, env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    return subprocess.Popen([sys.executable, "-m", "task_pipeline",
+                             *cli.argv("-manifest", manifest, "-db", cli.db, "-run", "-q", *extra)],
+                            cwd=cli.tmp, env={**env, **cli.env}, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
 
 
 def query(db: Path, sql: str, *args) -> list[tuple]:
-    conn = sqlite3.connect(db / "db", timeout=30)
-    try:
-        return conn.execute(sql, args).fetchall()
-    finally:
-        conn.close()
+    return backends.query(db, sql, *args)
 
 
 def current_outputs(db: Path) -> set[tuple]:
@@ -377,11 +375,9 @@ def test_an_expired_lease_of_a_runner_elsewhere_is_taken_over(cli, tmp_path):
         script = 'cat "$INPUT_FILE" > "$OUTPUT_DIR/done_$INPUT_NAME"'
         """)
     cli.ok("-manifest", m, "-db", cli.db, "-run", "-step", "gen")
-    conn = sqlite3.connect(cli.db / "db")
-    with conn:
-        conn.execute("""UPDATE task SET state='running', token=token+1, lease_owner='elsewhere.example:4242:abcdef',
-                        lease_expires=? WHERE input_name='work_1'""", (time.time() + 2.5,))
-    conn.close()
+    backends.execute(cli.db, """UPDATE task SET state='running', token=token+1,
+                                lease_owner='elsewhere.example:4242:abcdef', lease_expires=?
+                                WHERE input_name='work_1'""", time.time() + 2.5)
     t0 = time.monotonic()
     r = cli.run(m)
     took = time.monotonic() - t0

@@ -18,17 +18,20 @@ import pytest
 from conftest import ROOT, CLI
 
 
+pytestmark = pytest.mark.backends
+
+
 class Serve:
     """A running `task-pipeline serve`; its stderr goes to a file we can read while it runs."""
 
     def __init__(self, cli: CLI, manifest: Path, *extra: str, name: str = "serve") -> None:
         self.cli = cli
         self.log_path = cli.tmp / f"{name}.log"
-        env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+        env = cli.environ()
         env.pop("TASK_PIPELINE_DB", None)
         self._log = open(self.log_path, "wb")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "task_pipeline", "serve", "-manifest", str(manifest), "-db", str(cli.db), *extra],
+            [sys.executable, "-m", "task_pipeline", *cli.argv("serve", "-manifest", manifest, "-db", cli.db, *extra)],
             cwd=cli.tmp, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=self._log)
         self.wait_log("serving")
 

@@ -6,21 +6,19 @@ from __future__ import annotations
 import json
 import os
 import re
-import sqlite3
 import time
 from pathlib import Path
 
 import pytest
 
+import backends
 from task_pipeline.executor import KILL_GRACE
+
+pytestmark = pytest.mark.backends
 
 
 def db_rows(db: Path, sql: str, *args) -> list[tuple]:
-    conn = sqlite3.connect(db / "db")
-    try:
-        return conn.execute(sql, args).fetchall()
-    finally:
-        conn.close()
+    return backends.query(db, sql, *args)
 
 
 def gone(pid: int) -> bool:

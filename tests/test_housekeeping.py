@@ -8,7 +8,6 @@ import os
 import pty
 import select
 import socket
-import sqlite3
 import subprocess
 import sys
 import time
@@ -16,10 +15,13 @@ from pathlib import Path
 
 import pytest
 
+import backends
 from conftest import ROOT
 from task_pipeline import housekeeping, state
 from task_pipeline.db import open_database
 from task_pipeline.store import Store
+
+pytestmark = pytest.mark.backends
 
 PIPELINE = """
     [[step]]
@@ -42,11 +44,7 @@ def obj(db: Path, h: str) -> Path:
 
 
 def query(db: Path, sql: str, *args) -> list[tuple]:
-    conn = sqlite3.connect(db / "db")
-    try:
-        return conn.execute(sql, args).fetchall()
-    finally:
-        conn.close()
+    return backends.query(db, sql, *args)
 
 
 def built(cli) -> Path:
@@ -122,11 +120,8 @@ def test_fsck_reports_strays_leftovers_and_tasks_held_by_dead_runners(cli):
     dead = subprocess.Popen(["true"])
     dead.wait()
     (cli.db / "tmp" / f"task-slot1-abcdef-{dead.pid}").mkdir()
-    conn = sqlite3.connect(cli.db / "db")
-    with conn:
-        conn.execute("UPDATE task SET state='running', lease_owner=?, lease_expires=? WHERE input_name='work_1'",
-                     (f"{socket.gethostname()}:{dead.pid}:abcdef", time.time() + 100))
-    conn.close()
+    backends.execute(cli.db, "UPDATE task SET state='running', lease_owner=?, lease_expires=? WHERE input_name='work_1'",
+                     f"{socket.gethostname()}:{dead.pid}:abcdef", time.time() + 100)
     rc, rep = fsck_json(cli)
     assert rc == 0, rep  # harmless: warnings, not problems
     text = "\n".join(rep["warnings"])
@@ -184,11 +179,8 @@ def test_gc_keeps_an_object_stored_but_not_committed_yet(cli):
 
 
 def _runner_row(db: Path, host: str, pid: int, heartbeat: float) -> None:
-    conn = sqlite3.connect(db / "db")
-    with conn:
-        conn.execute("INSERT INTO runner(id, host, pid, kind, started_at, heartbeat) VALUES (?,?,?,?,?,?)",
-                     (f"{host}:{pid}:abcdef", host, pid, "run", heartbeat - 5, heartbeat))
-    conn.close()
+    backends.execute(db, "INSERT INTO runner(id, host, pid, kind, started_at, heartbeat) VALUES (?,?,?,?,?,?)",
+                     f"{host}:{pid}:abcdef", host, pid, "run", heartbeat - 5, heartbeat)
 
 
 def test_gc_refuses_while_a_runner_is_active_unless_forced(cli, tmp_path):
@@ -200,10 +192,7 @@ def test_gc_refuses_while_a_runner_is_active_unless_forced(cli, tmp_path):
     assert "--force" in r.err
     assert cli("-db", cli.db, "gc", "--force").returncode == 0
     # a local runner that was SIGKILLed (pid gone) does not count, whatever its heartbeat says
-    conn = sqlite3.connect(cli.db / "db")
-    with conn:
-        conn.execute("DELETE FROM runner")
-    conn.close()
+    backends.execute(cli.db, "DELETE FROM runner")
     dead = subprocess.Popen(["true"])
     dead.wait()
     _runner_row(cli.db, socket.gethostname(), dead.pid, time.time())
@@ -230,9 +219,9 @@ def test_gc_force_during_a_run_loses_nothing(cli, tmp_path):
     for k in range(7):  # orphans identical to what the run is about to produce
         store.ingest_bytes(f"shared {k}\n".encode())
     age_past_gc_slack()
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    p = subprocess.Popen([sys.executable, "-m", "task_pipeline", "-manifest", str(m), "-db", str(cli.db), "-run",
-                          "-q", "-parallel", "4"], cwd=cli.tmp, env=env, stderr=subprocess.PIPE)
+    p = subprocess.Popen([sys.executable, "-m", "task_pipeline",
+                          *cli.argv("-manifest", m, "-db", cli.db, "-run", "-q", "-parallel", "4")],
+                         cwd=cli.tmp, env=cli.environ(), stderr=subprocess.PIPE)
     refused = forced = 0
     while p.poll() is None:
         r = cli("-db", cli.db, "gc")
@@ -250,12 +239,12 @@ def test_gc_force_during_a_run_loses_nothing(cli, tmp_path):
 
 def test_gc_and_fsck_show_progress_on_a_terminal(cli):
     built(cli)
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "COLUMNS": "100", "TERM": "xterm"}
+    env = cli.environ({"COLUMNS": "100", "TERM": "xterm"})
     for cmd in ("fsck", "gc"):
         pid, fd = pty.fork()
         if pid == 0:
             os.chdir(cli.tmp)
-            os.execve(sys.executable, [sys.executable, "-m", "task_pipeline", "-db", str(cli.db), cmd], env)
+            os.execve(sys.executable, [sys.executable, "-m", "task_pipeline", *cli.argv("-db", cli.db, cmd)], env)
         data = b""
         while True:
             r, _, _ = select.select([fd], [], [], 30)

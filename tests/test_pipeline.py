@@ -14,6 +14,7 @@ import pytest
 from conftest import ROOT
 
 FANOUT = ROOT / "manifests" / "fanout.toml"
+pytestmark = pytest.mark.backends
 
 
 def runs(log: Path) -> list[str]:

@@ -147,10 +147,13 @@ def migrate(db: Database, hash_algo: str, *, create: bool, objects_hint: str | N
 
 def _version(db: Database) -> int | None:
     if not db.has_table("meta"):
-        if db.has_table("task") or db.has_table("step"):
+        # meta and the other tables are created in one transaction: if they are there now, meta is too
+        # (another process created the store between our two looks)
+        if (db.has_table("task") or db.has_table("step")) and not db.has_table("meta"):
             raise StoreError(f"{db.name}: the database has tables but is not a task-pipeline store; "
                              f"point -db elsewhere")
-        return None
+        if not db.has_table("meta"):
+            return None
     row = db.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()
     try:
         return int(row[0]) if row else 0

@@ -201,7 +201,10 @@ class PostgresDatabase:
         return []  # PostgreSQL checks its own pages; fsck checks the references
 
     def has_table(self, name: str) -> bool:
-        return self.execute("SELECT to_regclass(?) IS NOT NULL", (name,)).fetchone()[0]
+        # pg_tables, read with the statement's snapshot: it sees a table another session has just
+        # committed, where to_regclass's catalog cache, inside a transaction, may not yet
+        return self.execute("SELECT EXISTS (SELECT 1 FROM pg_catalog.pg_tables WHERE schemaname = current_schema() "
+                            "AND tablename = ?)", (name,)).fetchone()[0]
 
     def retryable(self, e: BaseException) -> bool:
         return isinstance(e, (self.psycopg.errors.DeadlockDetected, self.psycopg.errors.SerializationFailure))
