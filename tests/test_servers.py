@@ -1,11 +1,12 @@
-"""The test servers themselves (tests/servers.py): what later PostgreSQL tests will rely on, checked
-against the real server."""
+"""The test servers themselves (tests/servers.py, tests/netns.py): what later PostgreSQL and
+multi-host tests will rely on, checked against the real server."""
 
 from __future__ import annotations
 
 import os
 import subprocess
 import sys
+import textwrap
 import time
 import urllib.parse
 from pathlib import Path
@@ -13,9 +14,22 @@ from pathlib import Path
 import psycopg
 import pytest
 
+from netns import NetHost
 from servers import PgServer, PsqlError
 
 ROOT = Path(__file__).resolve().parent.parent
+
+# Runs inside a NetHost: connect as the product will (URL without password + password file).
+CONNECT = textwrap.dedent("""
+    import os, sys, psycopg
+    password = open(os.environ["TASK_PIPELINE_DB_PASSWORD_FILE"]).read().strip()
+    try:
+        with psycopg.connect(sys.argv[1], password=password, connect_timeout=2) as conn:
+            print(conn.execute("SELECT host(inet_client_addr())").fetchone()[0])
+    except psycopg.OperationalError as e:
+        print(e, file=sys.stderr)
+        sys.exit(3)
+""")
 
 
 def dbname(url: str) -> str:
@@ -119,6 +133,59 @@ def test_kill_backends_breaks_open_connections_of_that_database_only(pg_server: 
     with connect(pg_url, pg_server.password) as conn:
         assert conn.execute("SELECT current_database()").fetchone() == (db,)
     assert pg_server.kill_backends(db) == []
+
+
+# ---------------------------------------------------------------- hosts in network namespaces
+
+
+def test_net_host_reaches_postgres_over_its_link_and_loses_it_when_cut(
+        pg_server: PgServer, pg_url: str, pg_env: dict, net_hosts) -> None:
+    host = net_hosts()
+    other = net_hosts()
+    assert len({host.name, other.name}) == 2 and len({host.ip, other.ip, host.gateway, other.gateway}) == 4
+    url = pg_server.url(dbname(pg_url), host=host.gateway)
+    env = {**os.environ, **pg_env}
+    env.pop("PGPASSWORD", None)
+
+    def attempt(u: str = url) -> tuple[subprocess.CompletedProcess, float]:
+        t = time.monotonic()
+        r = host.run([sys.executable, "-c", CONNECT, u], env=env, capture_output=True, text=True, timeout=60)
+        return r, time.monotonic() - t
+
+    r, _ = attempt()
+    assert (r.returncode, r.stdout.strip()) == (0, host.ip), r.stderr  # came over the veth, from its address
+    # The host's loopback is its own: nothing listens there.
+    r, _ = attempt(pg_server.url(dbname(pg_url)))
+    assert r.returncode == 3 and "refused" in r.stderr, r.stderr
+
+    bystander = host.popen(["sleep", "60"])
+    host.link_down()
+    r, took = attempt()
+    assert r.returncode == 3, (r.stdout, r.stderr)
+    assert took < 15, took
+    assert bystander.poll() is None  # the host's processes live on
+    # The other host's link is untouched.
+    r = other.run([sys.executable, "-c", CONNECT, pg_server.url(dbname(pg_url), host=other.gateway)],
+                  env=env, capture_output=True, text=True, timeout=60)
+    assert (r.returncode, r.stdout.strip()) == (0, other.ip), r.stderr
+
+    host.link_up()
+    r, _ = attempt()
+    assert (r.returncode, r.stdout.strip()) == (0, host.ip), r.stderr
+    print(f"connect with the link down failed after {took:.1f} s")
+
+
+def test_net_host_leaves_nothing_behind() -> None:
+    with NetHost() as host:
+        name, veth = host.name, host.veth
+        sleeper = host.popen(["sleep", "300"])
+        assert sleeper.pid in host.pids()
+        inside = host.run(["ip", "-o", "-4", "addr", "show"], capture_output=True, text=True, check=True).stdout
+        assert f"inet {host.ip}/24" in inside
+        assert len(veth) <= 15 and len(host.peer) <= 15
+    assert sleeper.wait(timeout=10) == -9
+    assert name not in subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
+    assert subprocess.run(["ip", "link", "show", veth], capture_output=True).returncode != 0
 
 
 # ---------------------------------------------------------------- no server: skip, or fail in CI
