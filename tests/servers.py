@@ -111,6 +111,11 @@ def _reap(base: Path) -> None:
         deadline = time.monotonic() + 10
         while pid_alive(pid) and time.monotonic() < deadline:
             time.sleep(0.05)
+    try:
+        for sock in (base / "weed.sockets").read_text().split():
+            Path(sock).unlink(missing_ok=True)
+    except OSError:
+        pass
     shutil.rmtree(base, ignore_errors=True)
 
 
@@ -519,8 +524,11 @@ class S3Server:
         ]
 
     def start(self, timeout: float = 60) -> None:
-        for s in self._grpc_sockets():
+        sockets = self._grpc_sockets()
+        for s in sockets:
             s.unlink(missing_ok=True)
+        # For a later run to remove, should this one be killed before its teardown.
+        (self.base / "weed.sockets").write_text("".join(f"{s}\n" for s in sockets))
         with open(self.logfile, "ab") as log:
             # Own process group: stop() can take down everything weed started, and Ctrl-C in the
             # terminal reaches pytest first, whose teardown then stops weed in order.
@@ -531,8 +539,9 @@ class S3Server:
         deadline = time.monotonic() + timeout
         while True:
             if self.proc.poll() is not None:
-                raise RuntimeError(f"weed server exited ({self.proc.returncode}); {self.logfile}:\n"
-                                   f"{_log_tail(self.logfile)}")
+                code = self.proc.returncode
+                self.stop()  # its gRPC sockets may be left
+                raise RuntimeError(f"weed server exited ({code}); {self.logfile}:\n{_log_tail(self.logfile)}")
             try:
                 # Signed ListBuckets: up only once the gateway has loaded our identity.
                 if self.request("GET", "/", timeout=2).status == 200 and self._volume_server_joined():
