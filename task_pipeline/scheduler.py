@@ -311,6 +311,12 @@ async def run_engine(db: Db, store: Store, opts: EngineOptions, reporter: Report
                 summary.store_error = summary.store_error or r.error
                 flags.stopping = True
         summary.absorb(rep)
+        late = [r for r in rep.stale if r.started]
+        if late:
+            # the fencing token at work: another runner holds these tasks now, and its results count
+            reporter.log("warning", f"{len(late)} late result(s) refused: their leases had passed to another runner "
+                                    f"({', '.join(f'{r.step}#{r.task_id}' for r in late[:5])}"
+                                    f"{', ...' if len(late) > 5 else ''})")
         reporter.committed(rep)
         if rep.failed and opts.fail_fast:
             flags.stopping = True
