@@ -132,6 +132,7 @@ class Board:
         self.held: dict[int, int] = {}        # every task leased and not yet committed: id -> token
         self.started: dict[int, int] = {}     # scripts started since the last commit: id -> token
         self.lost: set[int] = set()           # tasks whose lease went to another runner
+        self.dropped: list[Claimed] = []      # leased, never started, taken off the queue: to give back
         self.closed = False
         self.fatal: BaseException | None = None
 
@@ -175,15 +176,25 @@ class Board:
                 self.held.pop(r.task_id, None)
 
     def drop_lost(self, still: set[int]) -> set[int]:
-        """Leases renewed: forget queued tasks we no longer hold; returns the ids lost."""
+        """Forget the tasks whose leases we may no longer hold (all but `still`); returns their ids.
+
+        Queued ones come off the queue and stop being renewed; the event loop gives them back
+        (a give-back whose lease did pass on changes nothing). Running ones are the caller's to stop."""
         with self.cond:
             lost = {t for t in self.held if t not in still}
             if lost:
                 for q in self.queued.values():
                     for c in [c for c in q if c.task_id in lost]:
                         q.remove(c)
+                        self.held.pop(c.task_id, None)
+                        self.dropped.append(c)
                 self.lost |= lost
             return lost
+
+    def take_dropped(self) -> list[Claimed]:
+        with self.cond:
+            out, self.dropped = self.dropped, []
+            return out
 
     def fail(self, e: BaseException) -> None:
         with self.cond:
@@ -360,6 +371,8 @@ async def run_engine(db: Db, store: Store, opts: EngineOptions, reporter: Report
                 continue
             flags.renewed = time.monotonic()
             lost = board.drop_lost(still)
+            if board.dropped:
+                wake[0].set()
             if lost:
                 n = procs.kill_tasks(lost)
                 reporter.log("warning", f"{len(lost)} task lease(s) were taken over by another runner; "
@@ -377,6 +390,7 @@ async def run_engine(db: Db, store: Store, opts: EngineOptions, reporter: Report
                 if mine:
                     n = procs.kill_tasks(mine)
                     board.drop_lost(set())
+                    wake[0].set()
                     reporter.log("error", f"could not renew leases for {time.monotonic() - flags.renewed:.0f}s; "
                                           f"stopped {n} script(s) so that no task runs twice; their tasks go back "
                                           f"to the queue")
@@ -426,6 +440,9 @@ async def run_engine(db: Db, store: Store, opts: EngineOptions, reporter: Report
         while True:
             if board.fatal is not None:
                 flags.stopping = True
+            dropped = board.take_dropped()
+            if dropped:
+                await commit(give_back(dropped, "not started: its lease could not be renewed"), {})
             if not flags.stopping:
                 # Lease enough to keep every worker busy plus a batch ahead, and only once half of
                 # that batch is used up, so that one claim transaction serves many tasks.
