@@ -23,8 +23,9 @@ pytest_plugins = ["servers", "netns"]  # real PostgreSQL and S3 servers, network
 def run_cli(*args: str, cwd: Path | None = None, env: dict | None = None, timeout: float = 120,
             input: bytes | None = None) -> subprocess.CompletedProcess:
     """`task-pipeline ARGS...` as a user would type it; output captured as text."""
-    full_env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""), **(env or {})}
-    full_env.pop("TASK_PIPELINE_DB", None)
+    full_env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    full_env.pop("TASK_PIPELINE_DB", None)  # a store named in the caller's environment is not the test's
+    full_env.update(env or {})
     return subprocess.run([sys.executable, "-m", "task_pipeline", *map(str, args)], cwd=cwd, env=full_env,
                           capture_output=True, timeout=timeout, input=input)
 
