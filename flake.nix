@@ -38,6 +38,7 @@
               ps.blake3
               ps.rich
               ps.tomli-w
+              ps.psycopg # the postgres extra
               # build and test
               ps.hatchling
               ps.pytest

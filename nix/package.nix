@@ -8,12 +8,20 @@
   blake3,
   rich,
   tomli-w,
+  psycopg,
   pytestCheckHook,
   hypothesis,
+  # PostgreSQL stores (`-db postgresql://...`, [project.optional-dependencies] postgres): on by
+  # default, since the NixOS module may point several machines at one database
+  withPostgres ? true,
 }:
 
 let
   pyproject = lib.importTOML ../pyproject.toml;
+  # [project.optional-dependencies] (the binary wheel's job is done by nixpkgs' psycopg with libpq)
+  optional-dependencies = {
+    postgres = [ psycopg ];
+  };
 in
 buildPythonApplication {
   pname = "task-pipeline";
@@ -39,7 +47,9 @@ buildPythonApplication {
     blake3
     rich
     tomli-w
-  ];
+  ]
+  ++ lib.optionals withPostgres optional-dependencies.postgres;
+  inherit optional-dependencies;
 
   nativeCheckInputs = [
     pytestCheckHook

@@ -137,7 +137,8 @@ def test_nix_dependencies_match_pyproject(nix: str) -> None:
     require_tracked_readme()
     pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text())
     project = pyproject["project"]
-    wanted = sorted(requirement_name(d) for d in project["dependencies"])
+    # the Nix package includes the PostgreSQL extra (withPostgres defaults to true)
+    wanted = sorted(requirement_name(d) for d in project["dependencies"] + project["optional-dependencies"]["postgres"])
 
     pkg = nix_eval_flake(
         f"packages.{SYSTEM}.default",

@@ -75,6 +75,7 @@ let
     "blake3"
     "rich"
     "tomli-w"
+    "psycopg"
     "hatchling"
     "setuptools"
     "pytest"
