@@ -287,3 +287,125 @@ def test_migrate_dry_runs_change_nothing(cli):
     # without --dry-run the same command does it
     cli.ok("-manifest", m, "-db", cli.db, "-migrate-tainted", "-run")
     assert sorted(p.name for p in marks.iterdir()) == ["process-process_1.txt", "process-process_2.txt"]
+
+
+# -- 2. an interrupted run says so in its exit code --------------------------------------------------
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_an_interrupted_run_exits_128_plus_the_signal_and_says_what_is_left(cli, sig):
+    marks = cli.tmp / "marks"
+    marks.mkdir()
+    m = cli.manifest(f"""
+        [[step]]
+        name = "fetch"
+        start = true
+        script = 'for i in 1 2 3 4; do echo $i > "$OUTPUT_DIR/process_$i.txt"; done'
+
+        [[step]]
+        name = "process"
+        script = 'touch "{marks}/$INPUT_NAME"; sleep 30; cp "$INPUT_FILE" "$OUTPUT_DIR/done_$INPUT_NAME"'
+        """)
+    p = popen(cli, "-manifest", m, "-db", cli.db, "-run", "-parallel", "2", "--grace", "0", stderr_to=cli.tmp / "err")
+    try:
+        wait_for(lambda: any(marks.iterdir()), what="a script to start")
+        p.send_signal(sig)
+        rc = p.wait(20)
+    finally:
+        p.kill()
+        p.wait()
+    err = (cli.tmp / "err").read_text()
+    assert rc == 128 + sig, f"exit {rc}\n{err}"
+    name = signal.Signals(sig).name
+    found = re.search(rf"interrupted by {name}: (\d+) task\(s\) not finished", err)
+    assert found, err
+    t = status(cli)["totals"]
+    assert int(found.group(1)) == t["pending"] + t["running"] + t["leased"] == 4
+    assert t["done"] == 1
+
+
+def test_serve_stopped_with_sigterm_still_exits_0(cli):
+    m, _ = two_items(cli)
+    p = popen(cli, "serve", "-manifest", m, "-db", cli.db, "--grace", "1", stderr_to=cli.tmp / "err")
+    try:
+        wait_for(lambda: "serving" in (cli.tmp / "err").read_text(), what="serve to start")
+        wait_for(lambda: cli.db.exists() and steps(cli)["process"]["done"] == 2, what="the items to be done")
+        p.send_signal(signal.SIGTERM)
+        rc = p.wait(20)
+    finally:
+        p.kill()
+        p.wait()
+    assert rc == 0, (cli.tmp / "err").read_text()
+
+
+# -- 3. two runs creating one new store at the same moment -------------------------------------------
+
+
+def test_concurrent_runs_creating_the_same_new_store_both_succeed(cli):
+    m = cli.manifest("""
+        [[step]]
+        name = "fetch"
+        start = true
+        script = 'echo hi > "$OUTPUT_DIR/done_x.txt"'
+        """)
+    go, ready = cli.tmp / "go", cli.tmp / "ready"
+    ready.mkdir()
+    # each child imports everything first, then waits for `go`, so that both of a pair open the store together
+    child = textwrap.dedent(f"""
+        import os, sys, time
+        import task_pipeline.cli, task_pipeline.state, anyio, rich.console
+        open(os.path.join({str(ready)!r}, str(os.getpid())), "w").close()
+        while not os.path.exists({str(go)!r}):
+            time.sleep(0.001)
+        sys.exit(task_pipeline.cli.main(sys.argv[1:]))
+        """)
+    procs = []
+    for i in range(10):
+        for _ in range(2):
+            procs.append((i, subprocess.Popen(
+                [sys.executable, "-c", child, "-manifest", str(m), "-db", str(cli.tmp / f"store{i}"), "-run"],
+                cwd=cli.tmp, env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)))
+    wait_for(lambda: len(list(ready.iterdir())) == len(procs) or any(p.poll() is not None for _, p in procs),
+             timeout=60, what="every run to be ready")
+    go.touch()
+    failures = []
+    for i, p in procs:
+        _, err = p.communicate(timeout=120)
+        if p.returncode != 0:
+            failures.append(f"store{i}: exit {p.returncode}: {err.decode(errors='replace').strip()}")
+    assert not failures, "\n".join(failures)
+    for i in range(10):
+        assert steps(cli, cli.tmp / f"store{i}")["fetch"]["done"] == 1
+
+
+# -- 4. two actions at once ----------------------------------------------------------------------------
+
+
+TWO_ACTIONS = [
+    (["-manifest", "{m}", "-run", "-export", "process"], ("-run", "export")),
+    (["-run", "status"], ("-run", "status")),
+    (["gc", "-run"], ("-run", "gc")),
+    (["-export-hash", "abcdef", "-export", "process"], ("-export", "cat")),
+]
+
+
+def test_two_actions_at_once_are_a_usage_error_naming_both(cli):
+    m, marks = two_items(cli)
+    cli.run(m)
+    for p in marks.iterdir():
+        p.unlink()
+    before = dump(cli.db)
+    for args, names in TWO_ACTIONS:
+        r = cli(*[a.format(m=m) for a in args], "-db", cli.db)
+        assert r.returncode == 2, f"{args}: exit {r.returncode}\n{r.out}{r.err}"
+        line = one_line_error(r)
+        for n in names:
+            assert n in line, (args, n, line)
+        assert r.out == "", (args, r.out)
+    assert dump(cli.db) == before and not any(marks.iterdir())
+
+
+def test_migrate_tainted_with_run_stays_valid(cli):
+    m, marks = two_items(cli)
+    r = cli.ok("-manifest", m, "-db", cli.db, "-migrate-tainted", "-run")
+    assert steps(cli)["process"]["done"] == 2, r.err
