@@ -615,3 +615,122 @@ def test_why_shows_every_task_that_produced_the_same_object(cli):
     # plain text, given the object path `export` printed
     text = cli.ok("-db", cli.db, "why", paths[0]).out
     assert len(re.findall(r"count v1 \(task \d+\)", text)) == 3, text
+
+
+# -- 8. per-command help, did-you-mean, positional manifests -------------------------------------------
+
+
+def _option_lines(text: str) -> set[str]:
+    return {m.group(1) for m in re.finditer(r"(?m)^\s+-{1,2}([a-z][a-z-]+)", text)}
+
+
+def test_per_command_help_shows_only_that_commands_options_and_an_example(cli):
+    run_help = cli.ok("run", "--help").out
+    assert cli.ok("help", "run").out == run_help
+    assert run_help.startswith("usage: task-pipeline run")
+    opts = _option_lines(run_help)
+    assert {"parallel", "db", "dry-run", "manifest"} <= opts and "route" not in opts and "force" not in opts, opts
+    assert "example" in run_help.lower() and re.search(r"(?m)^\s+task-pipeline .*run", run_help)
+    submit_help = cli.ok("submit", "--help").out
+    opts = _option_lines(submit_help)
+    assert "route" in opts and "parallel" not in opts, opts
+    assert submit_help.startswith("usage: task-pipeline submit")
+
+
+def test_a_misspelt_option_gets_a_did_you_mean(cli):
+    m, _ = two_items(cli)
+    r = cli("run", m, "-db", cli.db, "--paralel", "2")
+    assert r.returncode == 2
+    line = one_line_error(r)
+    assert "--paralel" in line and "did you mean" in line and "parallel" in line
+    assert not cli.db.exists()
+
+
+def test_manifest_spellings_positional_go_style_and_equals(cli):
+    m, marks = two_items(cli)
+    r = cli.ok("validate", m.name)
+    assert m.name in r.out and "valid" in r.out
+    cli.ok("run", m.name, "-db", "s1")
+    cli.ok("-manifest", m.name, "-db", "s2", "-run")
+    cli.ok(f"--manifest={m.name}", "-db", "s3", "-run")
+    for s in ("s1", "s2", "s3"):
+        assert steps(cli, cli.tmp / s)["process"]["done"] == 2
+
+
+def test_init_with_manifest_writes_that_file(cli):
+    cli.ok("init", "-manifest", "mine.toml")
+    assert (cli.tmp / "mine.toml").is_file() and not (cli.tmp / "pipeline.toml").exists()
+    cli.ok("validate", "mine.toml")
+
+
+# -- 9. --json where there is none; JSON logs; timestamps ------------------------------------------------
+
+
+def test_json_on_a_command_without_a_json_form_is_a_usage_error(cli):
+    for args in (["cat", "abcdef", "--json"], ["init", "--json"]):
+        r = cli(*args, "-db", cli.db) if args[0] == "cat" else cli(*args)
+        assert r.returncode == 2, f"{args}: exit {r.returncode}\n{r.err}"
+        line = one_line_error(r)
+        assert "--json" in line and f"'{args[0]}'" in line
+    assert not (cli.tmp / "pipeline.toml").exists()
+
+
+def test_log_format_json_makes_every_line_json_with_summary_and_failures(cli):
+    m = cli.manifest(ONE_OK_ONE_FAILING)
+    r = cli.run(m, "--log-format", "json")
+    assert r.returncode == 1
+    records = [json.loads(ln) for ln in r.err.splitlines()]   # every line parses
+    assert records
+    for rec in records:
+        assert TS.match(rec["ts"]), rec
+    summary = [x for x in records if x.get("kind") == "summary"]
+    assert len(summary) == 1
+    s = summary[0]
+    assert (s["finished"], s["done"], s["failed"], s["attempts"], s["retried"]) == (2, 1, 1, 3, 1), s
+    failures = [x for x in records if x.get("kind") == "failures"]
+    assert len(failures) == 1 and [t["step"] for t in failures[0]["tasks"]] == ["bad"]
+    assert failures[0]["tasks"][0]["stderr"] == "fatal: nope"
+    task_id = failures[0]["tasks"][0]["task"]
+    errors = [x for x in records if x.get("level") == "error" and x.get("step") == "bad"]
+    assert errors and errors[0]["task"] == task_id and errors[0]["attempt"] == 2, records
+
+
+def test_timestamps_are_utc_iso8601_with_milliseconds_everywhere(cli):
+    m = cli.manifest(ONE_OK_ONE_FAILING + """
+        [[step]]
+        name = "slow"
+        start = true
+        script = 'sleep 1.2; echo x > "$OUTPUT_DIR/done_slow.txt"'
+        """)
+    p = popen(cli, "-manifest", m, "-db", cli.db, "-run", "--log-format", "plain", stderr_to=cli.tmp / "err")
+    try:
+        runners = wait_for(lambda: try_status(cli).get("runners"), what="the runner in status")
+        p.wait(30)
+    finally:
+        p.kill()
+        p.wait()
+    for r in runners:
+        assert TS.match(r["started_at"]) and TS.match(r["heartbeat"]), r
+    lines = log_lines((cli.tmp / "err").read_text())
+    assert len(lines) >= 3
+    for ln in lines:
+        assert TS.match(PLAIN_LOG.match(ln).group(1)), ln
+    s = status(cli)
+    assert s["last_failures"] and all(TS.match(f["finished_at"]) for f in s["last_failures"])
+    task = s["last_failures"][0]["task"]
+    attempts = json.loads(cli.ok("logs", str(task), "-db", cli.db, "--json").out)["attempts"]
+    assert len(attempts) == 2
+    for a in attempts:
+        assert TS.match(a["started_at"]) and TS.match(a["finished_at"]), a
+
+
+# -- 10. counts say what they count -----------------------------------------------------------------------
+
+
+def test_the_summary_counts_tasks_and_attempts_separately(cli):
+    m = cli.manifest(ONE_OK_ONE_FAILING)
+    r = cli.run(m)
+    assert r.returncode == 1
+    assert re.search(r"\b2 task\(s\) finished in [\d.]+s \([^)]*\): 1 done, 1 failed; "
+                     r"3 attempts, 1 of them failed and retried", r.err), r.err
+    assert not re.search(r"\b3 task", r.err), r.err
