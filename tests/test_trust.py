@@ -1031,3 +1031,114 @@ def test_a_second_manifest_argument_is_a_usage_error(cli):
     b = cli.manifest(B_TOML, name="b.toml")
     r = cli("run", a, b, "-db", cli.db)
     assert r.returncode == 2 and "b.toml" in one_line_error(r)
+
+
+# -- the command line under hostile input ---------------------------------------------------------------------
+
+
+FUZZ = [
+    ["submit", "process", b"bad\xff.txt"],
+    ["run", "p.toml", "-runset", b"r\xff"],
+    pytest.param(["export", "process", "-input-path", b"\xff"], marks=pytest.mark.xfail(
+        strict=True, reason="a non-UTF-8 -input-path reaches SQLite: UnicodeEncodeError traceback, exit 1")),
+    ["-export", b"\xff"],
+    ["run", b"\xff.toml"],
+    ["status", "-db", b"d\xff"],
+    ["run", "p.toml", "-step", b"\xff"],
+    ["logs", "9223372036854775808"],
+    ["logs", "9223372036854775807"],
+    ["logs", "-1"],
+    ["logs", "abc"],
+    ["logs", "0"],
+    ["init", b"my\x01pipe.toml"],
+    ["run", "p.toml", "-parallel", "100000000"],
+    ["run", "p.toml", "-parallel", "0"],
+    ["run", "p.toml", "-parallel", "x"],
+    ["run", "p.toml", "--grace", "nan"],
+    ["run", "p.toml", "--grace", "inf"],
+    ["run", "p.toml", "--grace", "-1"],
+    ["run", "p.toml", "--lease", "1"],
+    ["run", "p.toml", "--lease", "nan"],
+    ["status", "-db", ""],
+    ["status", "-db", "/dev/null"],
+    ["status", "-db", "p.toml/x"],
+    ["cat", "zzzz"],
+    ["cat", "0000000000"],
+    ["cat", "db/objects/../../p.toml"],
+    ["why", "../../etc/passwd"],
+    ["why", "/etc/passwd"],
+    ["run", "nosuch.toml"],
+    ["validate", "/etc/passwd"],
+    ["validate", "/dev/zero"],
+    ["validate", "/"],
+    [""],
+    ["-"],
+    ["--"],
+    ["status", ""],
+    ["export"],
+    ["export", "done", "--link"],
+    ["export", "done", "--to", "/dev/null"],
+    ["export", "--layout", "zz", "--to", "o"],
+    ["submit", "--route", "-"],
+    ["submit", "nosuchstep", "p.toml"],
+    ["submit", "process", "/dev/null"],
+    ["graph", "--format", "svg"],
+    ["status", "--log-format", "xml"],
+    ["run", "p.toml", "--hash", "md5"],
+    ["init", "/nonexistent/dir/x.toml"],
+    ["-export-hash", "abcdef", "x"],
+    ["retry", "nosuch"],
+    ["invalidate"],
+    ["help", "nosuch"],
+]
+
+
+def _argv(args: list) -> list[bytes]:
+    return [os.fsencode(sys.executable), b"-m", b"task_pipeline"] + [os.fsencode(a) if isinstance(a, str) else a
+                                                                    for a in args]
+
+
+def _case(p) -> list:
+    return p.values[0] if hasattr(p, "values") else p
+
+
+@pytest.fixture(scope="module")
+def fuzz_results(tmp_path_factory) -> tuple[Path, dict]:
+    """Every hostile command line, run (4 at a time) against one store with a finished two-step
+    pipeline in the current directory (./db, the default); none of them may change it."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    home = tmp_path_factory.mktemp("fuzz")
+    cli = CLI(home)
+    m = cli.manifest(TWO_ITEMS.format(marks=home), name="p.toml")
+    cli.ok("-manifest", m, "-db", cli.db, "-run")
+    (home / os.fsdecode(b"bad\xff.txt")).write_text("x")
+    before = dump(cli.db)
+
+    def one(args: list) -> subprocess.CompletedProcess:
+        return subprocess.run(_argv(args), cwd=home, env=env(), capture_output=True, stdin=subprocess.DEVNULL,
+                              timeout=60)
+
+    cases = [_case(p) for p in FUZZ]
+    with ThreadPoolExecutor(4) as pool:
+        results = dict(zip(map(repr, cases), pool.map(one, cases)))
+    assert dump(cli.db) == before, "a hostile command line changed the store"
+    return home, results
+
+
+@pytest.mark.parametrize("args", FUZZ, ids=lambda a: " ".join(x if isinstance(x, str) else repr(x) for x in a)
+                         or "''")
+def test_hostile_command_line_gives_one_line_never_a_traceback(fuzz_results, args):
+    home, results = fuzz_results
+    r = results[repr(args)]
+    err = r.stderr.decode("utf-8", "replace")
+    assert "Traceback" not in err, err
+    assert r.returncode in (0, 1, 2, 3), f"exit {r.returncode}: {err}"
+    if r.returncode:
+        assert len(err.strip().splitlines()) == 1, err
+        assert err.startswith("task-pipeline: "), err
+    if args[0] == "init" and r.returncode == 0:
+        written = home / os.fsdecode(args[1])
+        assert written.is_file()
+        v = subprocess.run(_argv(["validate", written]), cwd=home, env=env(), capture_output=True, timeout=60)
+        assert v.returncode == 0, v.stderr.decode()
