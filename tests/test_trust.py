@@ -1033,6 +1033,17 @@ def test_a_second_manifest_argument_is_a_usage_error(cli):
     assert r.returncode == 2 and "b.toml" in one_line_error(r)
 
 
+@pytest.mark.xfail(strict=True, reason="the refusal to switch manifests says when the store was registered in local "
+                                       "time without a zone ('at 2026-11-24 00:56' under TZ=Asia/Tokyo), not UTC ISO 8601")
+def test_the_manifest_switch_message_gives_the_time_in_utc(cli):
+    a = cli.manifest(A_TOML, name="a.toml")
+    b = cli.manifest(B_TOML, name="b.toml")
+    cli.run(a)
+    r = cli.run(b, env={"TZ": "Asia/Tokyo"})
+    assert r.returncode == 2
+    assert re.search(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z", one_line_error(r)), r.err
+
+
 # -- the command line under hostile input ---------------------------------------------------------------------
 
 
