@@ -154,8 +154,20 @@ COMMANDS: dict[str, Command] = {
 }
 
 
+HELP_FOR = {  # where an option means something narrower for one command
+    ("submit", "runset"): "the runset the new tasks belong to (default: none)",
+    ("serve", "runset"): "the runset of start steps without a schedule (scheduled ticks name their own)",
+    ("serve", "parallel"): f"scripts at once in this daemon (default: CPU count; at most {MAX_PARALLEL})",
+    ("export", "history"): "include history: superseded tasks and old versions",
+    ("why", "history"): "include superseded producers",
+}
+
+
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str):  # one line, not argparse's usage dump
+        if message.startswith("argument ") and "expected one argument" in message:
+            flag = message.split()[1].split("/")[0].rstrip(":")
+            message = f"{flag} needs a value"
         raise UsageError(f"{message}; see 'task-pipeline {self.prog.split()[-1]} --help'")
 
 
@@ -269,7 +281,7 @@ def _go_command(go: list[str], argv_seen: list[str]) -> str:
     if "migrate_tainted" in go:
         return "migrate"
     for t in argv_seen:
-        if t.startswith("-") and t != "-" and t.split("=", 1)[0] not in SPELLING:
+        if t.startswith("-") and t not in ("-", "--") and t.split("=", 1)[0] not in SPELLING:
             name = t.split("=", 1)[0]
             close = difflib.get_close_matches(name, list(SPELLING), n=1, cutoff=0.6)
             raise UsageError(f"unknown option {one_line(name)}" + (f"; did you mean {close[0]}?" if close else "")
@@ -293,6 +305,8 @@ def _check_actions(command: str, go: list[str]) -> None:
 
 def _unknown_option(token: str, command: str, accepted: tuple[str, ...]) -> None:
     name = token.split("=", 1)[0]
+    if name == "--":
+        raise UsageError(f"'--' is not needed: arguments of '{command}' that start with '-' can be given as ./-NAME")
     dest = SPELLING.get(name)
     if dest is not None:
         users = [c for c, spec in COMMANDS.items() if dest in spec.options or dest in GLOBAL]
@@ -324,6 +338,9 @@ def _go_arguments(a: argparse.Namespace) -> None:
             raise UsageError(f"unexpected argument '{one_line(a.args[0])}' after -export {one_line(a.export)}")
         a.args = [a.export]
     spec = COMMANDS[a.command]
+    if spec.manifest_arg and len(a.args) > 1:
+        raise UsageError(f"'{a.command}' takes one manifest; got {len(a.args)} arguments "
+                         f"('{one_line(a.args[0])}', '{one_line(a.args[1])}', ...)")
     if spec.manifest_arg and a.args and not a.manifest:
         a.manifest = a.args.pop(0)
     elif spec.manifest_arg and a.args:
@@ -356,12 +373,17 @@ def _check(a: argparse.Namespace, spec: Command) -> None:
         raise UsageError(f"--lease must be at least 3 seconds (got {a.lease:g}); it is renewed every lease/6")
     if a.verbose and a.quiet:
         raise UsageError("-verbose and -quiet contradict each other; pick one")
-    for value, flag in ((a.runset, "-runset"), (a.manifest, "-manifest"), (a.start, "-start")):
-        if value:
-            try:
-                value.encode("utf-8")
-            except UnicodeEncodeError:
-                raise UsageError(f"{flag} {value.encode('utf-8', 'surrogateescape')!r} is not UTF-8 text") from None
+    for dest, o in OPTS.items():
+        if o.metavar is None or o.kind is not str:
+            continue
+        values = getattr(a, dest)
+        for value in values if isinstance(values, list) else [values]:
+            if isinstance(value, str):
+                try:
+                    value.encode("utf-8")
+                except UnicodeEncodeError:
+                    shown = value.encode("utf-8", "surrogateescape")
+                    raise UsageError(f"-{o.names[0]} {shown!r} is not UTF-8 text; use a name that is") from None
     if (a.link or a.layout) and not a.to:
         raise UsageError("--link and --layout go with --to DIR")
     if a.input_path and (a.outputs or a.unrouted or a.to):
@@ -387,15 +409,18 @@ def command_help(name: str) -> str:
     spec = COMMANDS[name]
     lines = [f"usage: task-pipeline {name} {spec.args}".rstrip() + (" [OPTIONS]" if spec.options else ""), "",
              spec.summary[0].upper() + spec.summary[1:] + ".", ""]
-    opts = [d for d in spec.options if d not in ACTIONS or d == "run"] + list(GLOBAL)
+    opts = [d for d in spec.options if d not in ACTIONS or d in ("run", "migrate_tainted")] + list(GLOBAL)
+    if name == "run":
+        opts.insert(opts.index("dry_run") + 1 if "dry_run" in opts else 0, "migrate_tainted")
     if opts:
         lines.append("options:")
         for d in dict.fromkeys(opts):
             o = OPTS[d]
-            spell = ", ".join(("-" if len(n) == 1 else "-") + n for n in o.names)
+            spell = ", ".join(("--" if len(n) > 1 else "-") + n for n in sorted(o.names, key=len))
             if o.metavar:
                 spell += f" {o.metavar}"
-            lines.append(f"  {spell:<26} {o.help}")
+            lines.append(f"  {spell:<28} {HELP_FOR.get((name, d), o.help)}")
+        lines.append("  (every --flag also works with one dash, as the Go tool spells it: -parallel 4)")
         lines.append("")
     lines.append("examples:")
     lines += [f"  {ln}" for ln in spec.example.splitlines()]
@@ -405,7 +430,7 @@ def command_help(name: str) -> str:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     verbose = any(x in ("-v", "-verbose", "--verbose") for x in argv)
-    if argv[0:1] in ("--version", "-version"):
+    if argv[:1] in (["--version"], ["-version"]):
         sys.stdout.write(f"task-pipeline {__version__}\n")
         return 0
     try:

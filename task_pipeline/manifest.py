@@ -33,6 +33,7 @@ TOP_KEYS = ("pipeline", "step")
 _DURATION_RE = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h|d)")
 _UNIT_SECONDS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400}
 _TOML_HINTS = (  # tomllib's message fragment -> what the user most likely has to do
+    ("at end of document", "; the file ends inside a value: close the array, table or string that is still open"),
     ("Invalid value", "; is a string missing its quotes? e.g. script = \"echo hi\""),
     ("Cannot overwrite a value", "; a key may appear once per table, and [step] cannot be mixed with [[step]]"),
     ("Cannot declare", "; a table may be declared once (write [[step]] for each step)"),

@@ -271,23 +271,27 @@ async def run_engine(db: Db, store: Store, opts: EngineOptions, reporter: Report
 
     def work() -> None:
         """A worker thread's life: run tasks until the board closes. If anything escapes
-        `execute` (a bug, a MemoryError), the whole engine hears of it and stops."""
-        try:
-            while (c := board.take()) is not None:
+        `execute` (a bug, a MemoryError), its task goes back to the queue, the engine hears of
+        it and stops claiming, and this worker ends."""
+        while (c := board.take()) is not None:
+            try:
                 reporter.task_started(c)
                 res = execute(Job(c, store, Path(c.workdir or Path.cwd()), base_env), procs, slots)
-                if c.task_id in board.lost and not res.ok:
-                    res.interrupted, res.error = True, "lost its lease (the database could not be reached to renew it)"
-                if board.finish(c, res):
+            except BaseException as e:  # noqa: BLE001 - reported as the run's error
+                now = time.time()
+                board.finish(c, Result(c.task_id, c.token, c.step.name, c.attempt, c.input_name, ok=False,
+                                       started_at=now, finished_at=now, interrupted=True,
+                                       error=f"the worker running it failed: {type(e).__name__}"))
+                board.fail(e)
+                try:
                     anyio.from_thread.run_sync(poke)
-        except BaseException as e:  # noqa: BLE001 - reported as the run's error
-            board.fail(e)
-            board.close()
-            try:
+                except Exception:  # noqa: BLE001 - the loop is gone already
+                    pass
+                return
+            if c.task_id in board.lost and not res.ok:
+                res.interrupted, res.error = True, "lost its lease (the database could not be reached to renew it)"
+            if board.finish(c, res):
                 anyio.from_thread.run_sync(poke)
-            except Exception:
-                pass
-            raise
 
     async def worker() -> None:
         try:
@@ -335,7 +339,8 @@ async def run_engine(db: Db, store: Store, opts: EngineOptions, reporter: Report
 
     async def committer() -> None:
         while True:
-            with anyio.move_on_after(STARTED_FLUSH if board.started else math.inf):
+            # wake now and then to record which scripts have started (status counts them)
+            with anyio.move_on_after(STARTED_FLUSH):
                 await results[0].wait()
             results[0] = anyio.Event()
             # Group commit: let a batch gather while workers are busy, so that one flush and

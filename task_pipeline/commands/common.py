@@ -116,16 +116,21 @@ def explain_failure(e: BaseException) -> str | None:
     text = explain(e)
     if text is not None:
         return text
+    if isinstance(e, UnicodeDecodeError) and _opened:
+        return (f"{_opened[-1].name}: the database holds text that is not UTF-8, so it is damaged; restore it "
+                f"from a backup ('task-pipeline fsck' says more)")
     if isinstance(e, MemoryError):
         return "out of memory; lower -parallel or free some memory"
     if isinstance(e, OSError):
         where = f"{e.filename}: " if e.filename else ""
         return f"{where}{e.strerror or e}"
+    from task_pipeline.housekeeping import content_problems
+
     for db in _opened:
         try:
-            problems = db.integrity()
-        except Exception as err:  # the check itself fails on a damaged file
-            problems = [str(err)]
+            problems = db.integrity() or content_problems(db)
+        except Exception as err:  # noqa: BLE001 - the check itself fails on a damaged file
+            problems = [str(err).splitlines()[0] if str(err) else type(err).__name__]
         if problems:
             return (f"{db.name}: the database is damaged ({'; '.join(problems[:3])}); restore it from a backup "
                     f"('task-pipeline fsck' says more)")

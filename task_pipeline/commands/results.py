@@ -29,15 +29,12 @@ from task_pipeline.textsafe import one_line
 def object_ref(ref: str, store: Store) -> str:
     """A hash (or prefix) from what a user may paste: a hash, or an object path as `export` prints it."""
     if "/" in ref:
-        try:
-            rel = Path(ref).absolute().relative_to(store.objects.absolute())
-        except ValueError:
-            try:
-                rel = Path(ref).resolve().relative_to(store.objects.resolve())
-            except (ValueError, OSError):
-                raise UsageError(f"{one_line(ref)}: not an object of this store (objects are under "
-                                 f"{store.objects})") from None
-        return "".join(rel.parts)
+        path = os.path.normpath(os.path.abspath(ref))
+        for base in (os.path.abspath(store.objects), os.path.realpath(store.objects)):
+            rel = os.path.relpath(path, base)
+            if not rel.startswith(".."):
+                return rel.replace("/", "")
+        raise UsageError(f"{one_line(ref)}: not an object of this store (objects are under {store.objects})")
     return ref
 
 
@@ -115,6 +112,8 @@ def export_to(root: Path, rows: list[dict], store: Store, layout: str, *, link: 
             raise UsageError(f"{one_line(str(rel))}: {others} current results have this name with different content; "
                              f"nothing was written. Use --layout task (DIR/STEP/TASK/NAME) to keep them apart")
         plan[rel] = r["hash"]
+    if root.exists() and not root.is_dir():
+        raise UsageError(f"--to {one_line(str(root))}: not a directory; give a directory to write the results into")
     skip: set[Path] = set()
     for rel, h in plan.items():
         dest = root / rel

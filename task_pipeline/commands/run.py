@@ -13,7 +13,6 @@ from __future__ import annotations
 import difflib
 import os
 import signal
-import time
 from argparse import Namespace
 from collections import Counter
 from pathlib import Path
@@ -202,7 +201,7 @@ def check_manifest_switch(db, manifest: Manifest, a: Namespace) -> None:
     changed = sorted(s.name for s in manifest.steps if s.name in current and current[s.name] != s.identity)
     if old == new and not changed:
         return  # the same pipeline from another path (a moved or copied manifest)
-    when = time.strftime("%Y-%m-%d %H:%M", time.localtime(prev.at)) if prev.at else "an unknown time"
+    when = iso(prev.at) if prev.at else "an unknown time"
     what = []
     if old - new:
         what.append(f"remove {', '.join(sorted(old - new))}")
@@ -295,9 +294,12 @@ def dry_run(a: Namespace, out: Output, manifest: Manifest, steps) -> int:
             raise
         seeds = [a.start] if a.start else [s.name for s in manifest.start_steps]
         out.log("info", f"no store at {a.db or './db'} yet: the run would create it")
-        rows = [[name, 1, "start"] for name in seeds if steps is None or name in steps]
-        out.print(table("Would run", ["step", "tasks", "why"], rows, right=["tasks"]))
-        out.print("steps further down run as outputs appear (a dry run cannot know them in advance)")
+        rows = [[name, 1, "1 start"] for name in seeds if steps is None or name in steps]
+        if rows:
+            out.print(table("Would run", ["step", "tasks", "why"], rows, right=["tasks"]))
+            out.print("steps further down run as outputs appear (a dry run cannot know them in advance)")
+        else:
+            out.print("nothing would run: no start step, and a new store has no inputs (add them with submit)")
         return EXIT_OK
     db = opened.db
 

@@ -109,6 +109,10 @@ def open_database(location: str, *, create: bool = False, hash_algo: str = "sha2
         db = sqlite.connect(location, create=create, objects_hint=objects_hint)
     try:
         db.created = migrate(db, hash_algo, create=create, objects_hint=objects_hint)
+    except UnicodeDecodeError:
+        db.close()
+        raise StoreError(f"{db.name}: the database holds text that is not UTF-8, so it is damaged; restore it "
+                         f"from a backup") from None
     except BaseException:
         db.close()
         raise
