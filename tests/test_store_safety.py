@@ -480,3 +480,46 @@ def test_sigterm_stops_a_run_that_is_hashing_a_huge_sparse_output(cli):
     assert time.monotonic() - t0 < 15, "the stop waited for the hash"
     assert p.returncode == 143, err
     assert query(cli.db, "SELECT state FROM task") == [("pending",)]
+
+
+# -- 12. a database damaged in ways SQLite's own checks do not see ---------------------------------------------
+
+
+def test_a_bit_flipped_database_gives_one_line_never_a_traceback(cli):
+    """Flipped bits land in states, JSON columns, names and the schema itself: every command either
+    works or says in one line that the database is damaged (exit 3); none shows a traceback."""
+    import random
+    import shutil
+
+    m = cli.manifest(FIVE + """
+        [[step]]
+        name = "gen"
+        start = true
+        script = 'for i in $(seq 1 60); do echo $i > "$OUTPUT_DIR/process_$i"; done'
+        """)
+    cli.ok("-manifest", m, "-db", cli.db, "-run", "-q")
+    conn = sqlite3.connect(cli.db / "db")
+    conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    conn.close()
+    pristine = (cli.db / "db").read_bytes()
+    damaged = 0
+    for seed in range(24):
+        rnd = random.Random(seed)
+        data = bytearray(pristine)
+        for _ in range(rnd.choice([1, 4, 30, 100])):
+            i = rnd.randrange(100, len(data))
+            data[i] ^= 1 << rnd.randrange(8)
+        copy = cli.tmp / f"damaged{seed}"
+        shutil.copytree(cli.db, copy)
+        for extra in ("db-wal", "db-shm"):
+            (copy / extra).unlink(missing_ok=True)
+        (copy / "db").write_bytes(bytes(data))
+        for args in (["status", "--json"], ["fsck"], ["gc", "--dry-run"], ["export", "done"]):
+            r = cli(*args, "-db", copy)
+            assert "Traceback" not in r.err, (seed, args, r.err[-2000:])
+            assert r.returncode in (0, 1, 3), (seed, args, r.returncode, r.err)
+            if r.returncode == 3:
+                damaged += 1
+                assert len(r.err.strip().splitlines()) == 1, (seed, args, r.err)
+        shutil.rmtree(copy)
+    assert damaged > 0  # the flips did hit something

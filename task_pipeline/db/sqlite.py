@@ -183,6 +183,9 @@ def _open(path: Path) -> sqlite3.Connection:
         return _retry_busy(attempt, str(path))
     except sqlite3.DatabaseError as e:
         raise StoreError(explain(e, path) or f"{path}: {e}") from None
+    except UnicodeDecodeError:  # its schema text is not UTF-8: damaged bytes
+        raise StoreError(f"{path}: the database is damaged (its schema is not readable text); restore it from a "
+                         f"backup") from None
 
 
 def connect(db_dir: str, *, create: bool = False, objects_hint: str | None = None) -> SQLiteDatabase:
