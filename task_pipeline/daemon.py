@@ -34,8 +34,8 @@ import anyio.to_thread
 from task_pipeline import state
 from task_pipeline.errors import ManifestError, UsageError
 from task_pipeline.manifest import Manifest, load_manifest
-from task_pipeline.report import Summary
 from task_pipeline.scheduler import Db, EngineOptions, Reporter, run_engine
+from task_pipeline.state import Summary
 from task_pipeline.store import Store
 
 MANIFEST_POLL = 1.0   # seconds between checks of the manifest file

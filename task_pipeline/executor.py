@@ -18,12 +18,13 @@ from __future__ import annotations
 
 import errno
 import os
+import queue
 import signal
 import stat
 import subprocess
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from task_pipeline import fsutil
@@ -46,6 +47,18 @@ try:
 except (OSError, AttributeError):  # not Linux
     _fallocate = None
 _FALLOC_FL_KEEP_SIZE = 1
+
+
+RESERVE_BELOW = 1 << 30  # free bytes under which each script's stderr gets its reserve
+
+
+def _low_on_space(fd: int) -> bool:
+    """Reserving costs block allocations on every attempt, so only where a full disk is in sight."""
+    try:
+        st = os.fstatvfs(fd)
+    except OSError:
+        return True
+    return st.f_bavail * st.f_frsize < max(RESERVE_BELOW, st.f_blocks * st.f_frsize // 20)
 
 
 def _reserve(fd: int, size: int) -> None:
@@ -111,7 +124,14 @@ class Slot:
 
     path: str
     fd: int
-    attempts: int = 0
+    made: int = 0                      # attempt directories made in it (a<N>: N is never reused)
+    ready: str | None = None           # one made ahead by the janitor, not used yet
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def next_name(self) -> str:
+        with self.lock:
+            self.made += 1
+            return f"a{self.made}"
 
 
 @dataclass
@@ -136,16 +156,48 @@ class Slots:
     """Scratch slots: one per task running at once, each a directory `task-slotN-<nonce>-<pid>`
     (housekeeping tells a dead runner's scratch by the pid), opened once and reused.
 
-    Every attempt works in a fresh subdirectory `a<N>` of its slot, removed afterwards; a
-    slot whose attempt directory cannot be removed is dropped and left to the sweep.
+    Every attempt works in a fresh subdirectory `a<N>` of its slot (a name never used again).
+    Removing a finished one is the janitor's job, in a thread of its own: removing directories
+    costs a fraction of a millisecond each on some filesystems (ext4 with discard), as much as
+    a tiny script, and nothing needs to wait for it. What the janitor cannot remove (a straggler
+    still writing there) goes with the slot when the runner closes it, or with the next sweep.
     """
 
     def __init__(self, scratch: Path) -> None:
         self.scratch = Path(scratch).absolute()
         self._lock = threading.Lock()
         self._free: list[Slot] = []
+        self._all: list[Slot] = []
         self._made = 0
         self._nonce = os.urandom(3).hex()
+        self._trash: queue.SimpleQueue = queue.SimpleQueue()
+        self._janitor: threading.Thread | None = None
+
+    def _sweep(self) -> None:
+        """The janitor: remove what finished attempts left, and make the slot's next directories."""
+        while (item := self._trash.get()) is not None:
+            slot, name = item
+            if name is not None:
+                try:
+                    fsutil.remove_tree_at(slot.fd, name)
+                except OSError:
+                    pass  # removed with the whole slot at close
+            with slot.lock:
+                wanted = slot.ready is None
+            if wanted:
+                try:
+                    ahead = slot.next_name()
+                    _make_attempt_dirs(slot.fd, ahead)
+                except OSError:
+                    continue  # begin() will try, and say what is wrong
+                with slot.lock:
+                    if slot.ready is None:
+                        slot.ready = ahead
+                        continue
+                try:
+                    fsutil.remove_tree_at(slot.fd, ahead)
+                except OSError:
+                    pass
 
     def acquire(self) -> Slot:
         with self._lock:
@@ -160,16 +212,24 @@ class Slots:
             fd = fsutil.open_dir(name, base)
         finally:
             os.close(base)
-        return Slot(f"{self.scratch}/{name}", fd)
+        slot = Slot(f"{self.scratch}/{name}", fd)
+        with self._lock:
+            self._all.append(slot)
+            if self._janitor is None:
+                self._janitor = threading.Thread(target=self._sweep, name="scratch janitor", daemon=True)
+                self._janitor.start()
+        return slot
 
     def begin(self, slot: Slot) -> AttemptDirs:
-        slot.attempts += 1
-        name = f"a{slot.attempts}"
-        fsutil.make_dir(name, 0o700, dir_fd=slot.fd)
+        """The attempt's directories: the ones the janitor made ahead (unused by anyone: nothing
+        ever ran in them), or new ones."""
+        with slot.lock:
+            name, slot.ready = slot.ready, None
+        if name is None:
+            name = slot.next_name()
+            _make_attempt_dirs(slot.fd, name)
         fd = fsutil.open_dir(name, slot.fd)
         try:
-            for sub in ("in", "out", "tmp"):
-                fsutil.make_dir(sub, 0o700, dir_fd=fd)
             in_fd = fsutil.open_dir("in", fd)
             out_fd = fsutil.open_dir("out", fd)
         except BaseException:
@@ -180,20 +240,17 @@ class Slots:
     def release(self, slot: Slot, dirs: AttemptDirs | None) -> None:
         if dirs is not None:
             dirs.close()
-            try:
-                fsutil.remove_tree_at(slot.fd, os.path.basename(dirs.path))
-            except OSError:
-                self._drop(slot)
-                return
+        self._trash.put((slot, os.path.basename(dirs.path) if dirs is not None else None))
         with self._lock:
             self._free.append(slot)
 
-    def _drop(self, slot: Slot) -> None:
-        os.close(slot.fd)  # the sweep of a later run removes what is left
-
     def close(self) -> None:
         with self._lock:
-            slots, self._free = self._free, []
+            slots, self._free, self._all = self._all, [], []
+            janitor, self._janitor = self._janitor, None
+        if janitor is not None:
+            self._trash.put(None)
+            janitor.join()
         for slot in slots:
             name = os.path.basename(slot.path)
             os.close(slot.fd)
@@ -207,6 +264,16 @@ class Slots:
                 pass
             finally:
                 os.close(base)
+
+
+def _make_attempt_dirs(slot_fd: int, name: str) -> None:
+    fsutil.make_dir(name, 0o700, dir_fd=slot_fd)
+    fd = fsutil.open_dir(name, slot_fd)
+    try:
+        for sub in ("in", "out", "tmp"):
+            fsutil.make_dir(sub, 0o700, dir_fd=fd)
+    finally:
+        os.close(fd)
 
 
 # -- an attempt ---------------------------------------------------------------------------------
@@ -289,7 +356,8 @@ def _run(job: Job, procs: ProcessTable, dirs: AttemptDirs, res: Result) -> None:
     flags = os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
     so = os.open("stdout", flags, 0o600, dir_fd=dirs.fd)
     se = os.open("stderr", flags, 0o600, dir_fd=dirs.fd)
-    _reserve(se, STDERR_RESERVE)
+    if _low_on_space(dirs.fd):
+        _reserve(se, STDERR_RESERVE)
     try:
         try:
             proc = subprocess.Popen(

@@ -15,7 +15,6 @@ Everything but `observed_edges` is pure, so it is tested without a store.
 
 from __future__ import annotations
 
-import json
 import re
 from dataclasses import dataclass, field
 

@@ -14,11 +14,11 @@ import sys
 import threading
 import time
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import cached_property
 from typing import TYPE_CHECKING, Iterable
 
-from task_pipeline.state import Claimed, CommitReport, Result
+from task_pipeline.state import Claimed, CommitReport
 from task_pipeline.textsafe import one_line
 
 if TYPE_CHECKING:
@@ -26,41 +26,6 @@ if TYPE_CHECKING:
     from rich.table import Table
 
 # rich is imported where it is used: a no-op `run` or a `cat` should not pay for it.
-
-@dataclass
-class Summary:
-    done: Counter = field(default_factory=Counter)
-    failed: list[Result] = field(default_factory=list)
-    retried: int = 0
-    stale: int = 0
-    requeued: int = 0
-    created: Counter = field(default_factory=Counter)
-    unrouted: Counter = field(default_factory=Counter)
-    store_error: str | None = None
-    started: float = field(default_factory=time.monotonic)
-    elapsed: float = 0.0
-    interrupted: int | None = None   # the signal that stopped a run early
-
-    @property
-    def finished(self) -> int:
-        """Tasks that reached an end state (done, or failed for good) in this run."""
-        return sum(self.done.values()) + len(self.failed)
-
-    @property
-    def attempts(self) -> int:
-        """Scripts run to an outcome: every finished task's last attempt, plus the attempts retried."""
-        return self.finished + self.retried
-
-    def absorb(self, rep: CommitReport) -> None:
-        for r in rep.done:
-            self.done[r.step] += 1
-        self.failed += rep.failed
-        self.retried += len(rep.retrying)
-        self.stale += len(rep.stale)
-        self.requeued += len(rep.requeued)
-        self.created.update(rep.created)
-        self.unrouted.update(rep.unrouted)
-
 
 LEVELS = {"debug": 10, "info": 20, "warning": 30, "error": 40}
 

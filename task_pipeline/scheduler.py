@@ -45,8 +45,7 @@ from task_pipeline import housekeeping, state
 from task_pipeline.db import Database, DatabaseUnavailable
 from task_pipeline.errors import StoreError
 from task_pipeline.executor import KILL_GRACE, Job, ProcessTable, Slots, execute
-from task_pipeline.report import Summary
-from task_pipeline.state import Claimed, CommitReport, Result
+from task_pipeline.state import Claimed, CommitReport, Result, Summary
 from task_pipeline.store import Store
 
 MAX_WAITING = 4096     # finished results awaiting their commit before claiming pauses (bounds memory)

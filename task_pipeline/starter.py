@@ -11,7 +11,6 @@ from __future__ import annotations
 import re
 import shlex
 import tomllib
-from pathlib import Path
 
 import tomli_w
 

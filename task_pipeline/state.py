@@ -26,6 +26,7 @@ from __future__ import annotations
 import json
 import os
 import socket
+import time
 from collections import Counter
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -677,6 +678,41 @@ class CommitReport:
     created: Counter = field(default_factory=Counter)       # new tasks per step
     unrouted: Counter = field(default_factory=Counter)      # route key -> files
     seconds: float = 0.0                                     # how long the transaction took
+
+
+@dataclass
+class Summary:
+    done: Counter = field(default_factory=Counter)
+    failed: list[Result] = field(default_factory=list)
+    retried: int = 0
+    stale: int = 0
+    requeued: int = 0
+    created: Counter = field(default_factory=Counter)
+    unrouted: Counter = field(default_factory=Counter)
+    store_error: str | None = None
+    started: float = field(default_factory=time.monotonic)
+    elapsed: float = 0.0
+    interrupted: int | None = None   # the signal that stopped a run early
+
+    @property
+    def finished(self) -> int:
+        """Tasks that reached an end state (done, or failed for good) in this run."""
+        return sum(self.done.values()) + len(self.failed)
+
+    @property
+    def attempts(self) -> int:
+        """Scripts run to an outcome: every finished task's last attempt, plus the attempts retried."""
+        return self.finished + self.retried
+
+    def absorb(self, rep: CommitReport) -> None:
+        for r in rep.done:
+            self.done[r.step] += 1
+        self.failed += rep.failed
+        self.retried += len(rep.retrying)
+        self.stale += len(rep.stale)
+        self.requeued += len(rep.requeued)
+        self.created.update(rep.created)
+        self.unrouted.update(rep.unrouted)
 
 
 def retry_delay(base: float, attempt: int) -> float:

@@ -95,3 +95,28 @@ def cli(request, tmp_path: Path):
         backends.forget(c.db)
         server.ensure_running()
         server.drop_database(name)
+
+
+@pytest.fixture
+def small_disk(cli):
+    """The store on a 16 MiB tmpfs with 400 inodes (root only; skipped elsewhere)."""
+    cli.db.mkdir()
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16m,nr_inodes=400,mode=0700", "tmpfs", str(cli.db)],
+                       capture_output=True)
+    if r.returncode != 0:
+        cli.db.rmdir()
+        pytest.skip(f"cannot mount a tmpfs here: {r.stderr.decode().strip()}")
+    yield cli.db
+    subprocess.run(["umount", "-l", str(cli.db)], check=False)
+
+
+def fill(db: Path, leave: int) -> Path:
+    filler = db / "filler"
+    free = os.statvfs(db).f_bavail * os.statvfs(db).f_frsize
+    with open(filler, "wb") as f:
+        f.truncate(0)
+        chunk = b"\0" * (1 << 20)
+        todo = free - leave
+        while todo > 0:
+            todo -= f.write(chunk[:min(len(chunk), todo)])
+    return filler

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, CLI
+from conftest import CLI
 
 
 pytestmark = pytest.mark.backends

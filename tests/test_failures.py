@@ -4,7 +4,6 @@ stay failed until `retry`; timeouts kill the whole process group; `run` ends wit
 from __future__ import annotations
 
 import json
-import os
 import re
 import time
 from pathlib import Path

@@ -19,7 +19,7 @@ from hypothesis import strategies as st
 
 from conftest import ROOT, run_cli
 from task_pipeline.errors import ManifestError
-from task_pipeline.manifest import INT_MAX, MAX_SECONDS, NAME_RE, STEP_KEYS, Manifest, parse_manifest
+from task_pipeline.manifest import INT_MAX, MAX_SECONDS, NAME_RE, Manifest, parse_manifest
 
 FILE = "fuzz.toml"
 QUICKSTART = (ROOT / "manifests" / "quickstart.toml").read_bytes()

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import sqlite3
 import subprocess
@@ -13,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT
+from conftest import ROOT, fill
 
 EMPTY_SHA256 = hashlib.sha256(b"").hexdigest()
 
@@ -252,31 +251,6 @@ def test_a_corrupt_database_file_is_a_clear_error(cli, damage):
 
 
 # -- a full disk --------------------------------------------------------------------------------------------
-
-
-@pytest.fixture
-def small_disk(cli):
-    """The store on a 16 MiB tmpfs with 400 inodes (root only; skipped elsewhere)."""
-    cli.db.mkdir()
-    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16m,nr_inodes=400,mode=0700", "tmpfs", str(cli.db)],
-                       capture_output=True)
-    if r.returncode != 0:
-        cli.db.rmdir()
-        pytest.skip(f"cannot mount a tmpfs here: {r.stderr.decode().strip()}")
-    yield cli.db
-    subprocess.run(["umount", "-l", str(cli.db)], check=False)
-
-
-def fill(db: Path, leave: int) -> Path:
-    filler = db / "filler"
-    free = os.statvfs(db).f_bavail * os.statvfs(db).f_frsize
-    with open(filler, "wb") as f:
-        f.truncate(0)
-        chunk = b"\0" * (1 << 20)
-        todo = free - leave
-        while todo > 0:
-            todo -= f.write(chunk[:min(len(chunk), todo)])
-    return filler
 
 
 DISK_PIPELINE = """

@@ -16,8 +16,7 @@ from pathlib import Path
 import pytest
 
 import backends
-from conftest import ROOT
-from task_pipeline import housekeeping, state
+from task_pipeline import housekeeping
 from task_pipeline.db import open_database
 from task_pipeline.store import Store
 

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from conftest import ROOT
-from test_hostile import errors_by_step, fill, query, small_disk  # noqa: F401  (small_disk is a fixture)
+from test_hostile import errors_by_step, query
 
 
 def sha(data: bytes) -> str:

@@ -14,7 +14,6 @@ import difflib
 import os
 import signal
 from argparse import Namespace
-from collections import Counter
 from pathlib import Path
 
 from task_pipeline import lint, queries, state
@@ -23,7 +22,8 @@ from task_pipeline.commands.common import (Opened, command_hint, iso, need_manif
 from task_pipeline.errors import UsageError
 from task_pipeline.location import SECRET_ENV
 from task_pipeline.manifest import Manifest
-from task_pipeline.report import Output, RunReporter, Summary, failures_table, fmt_rate, table
+from task_pipeline.report import Output, RunReporter, failures_table, fmt_rate, table
+from task_pipeline.state import Summary
 from task_pipeline.store import Store
 from task_pipeline.textsafe import last_line
 
