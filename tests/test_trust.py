@@ -864,7 +864,6 @@ def test_hash_blake3_on_an_existing_sha256_store_is_a_usage_error(cli):
     assert dump(cli.db) == before
 
 
-@pytest.mark.xfail(strict=True, reason="README.md does not mention --hash (only -export-hash)")
 def test_readme_mentions_hash():
     text = (ROOT / "README.md").read_text()
     assert re.search(r"(?<![\w-])--?hash\b", text)
@@ -873,7 +872,6 @@ def test_readme_mentions_hash():
 # -- 12. README: coming from the Go tool -------------------------------------------------------------------
 
 
-@pytest.mark.xfail(strict=True, reason="README.md has no section 'Coming from the Go tool'")
 def test_readme_has_a_section_for_go_tool_users():
     text = (ROOT / "README.md").read_text()
     assert re.search(r"(?mi)^#+ .*coming from the go tool", text)
