@@ -135,7 +135,7 @@ COMMANDS: dict[str, Command] = {
                      STORE + ("manifest", "parallel", "step", "runset", "grace", "lease", "hash", "replace_manifest"),
                      "task-pipeline serve pipeline.toml -db /var/lib/task-pipeline -parallel 8",
                      max_args=1, manifest_arg=True),
-    "why": Command("every chain of tasks that produced an object", "HASH|PATH", STORE + ("json",),
+    "why": Command("every chain of tasks that produced an object", "HASH|PATH", STORE + ("json", "history"),
                    "task-pipeline why 3a7bd3e2360a\ntask-pipeline why $(task-pipeline export done | head -1)",
                    max_args=1, min_args=1),
     "graph": Command("the step graph as Mermaid (default) or DOT", "[MANIFEST]", STORE + ("manifest", "format", "json"),

@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import stat
 import time
 from dataclasses import dataclass, field
@@ -40,6 +39,7 @@ from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
 from task_pipeline import fsutil
+from task_pipeline.host import this_host
 from task_pipeline.db import Database
 from task_pipeline.store import Store
 
@@ -129,7 +129,7 @@ def active_runners(db: Database) -> list[Runner]:
     """
     clock = db.clock()  # heartbeats are by the database's clock
     offset = clock - time.time()
-    host = socket.gethostname()
+    host = this_host()
     out = []
     for r in db.execute("SELECT id, host, pid, kind, started_at, heartbeat FROM runner"):
         runner = Runner(*r)
@@ -224,7 +224,8 @@ def kill_orphans(scratch_dirs: Iterable[str]) -> int:
     return len(groups)
 
 
-def reap_dead_scratch(db: Database, scratch: Path, now: float | None = None, *, shared: bool = True) -> Sweep:
+def reap_dead_scratch(db: Database, scratch: Path, now: float | None = None, *, shared: bool = True,
+                      dry_run: bool = False) -> Sweep:
     """Remove scratch entries whose process is gone, after killing scripts still running in them.
 
     Pids are only meaningful on this host. When a runner on another host is active and
@@ -240,7 +241,7 @@ def reap_dead_scratch(db: Database, scratch: Path, now: float | None = None, *, 
         return sweep
     if not entries:
         return sweep
-    host = socket.gethostname()
+    host = this_host()
     foreign = shared and any(r.host != host for r in active_runners(db))
     dead: list[tuple[str, int]] = []
     for e in entries:
@@ -260,6 +261,10 @@ def reap_dead_scratch(db: Database, scratch: Path, now: float | None = None, *, 
             continue
         dead.append((e.path, pid))
     if not dead:
+        return sweep
+    if dry_run:
+        sweep.removed = len(dead)
+        sweep.bytes = sum(_tree_size(str(scratch), os.path.basename(p)) for p, _ in dead)
         return sweep
     sweep.killed = kill_orphans([p for p, _ in dead if os.path.basename(p).startswith("task-")])
     for path, _ in dead:
@@ -478,7 +483,7 @@ def fsck(db: Database, store: Store, scratch: Path, progress: Progress | None = 
         rep.warnings.append(f"{leftovers} leftover scratch entr{'y' if leftovers == 1 else 'ies'} of dead processes in "
                             f"{scratch}; 'gc' (or the next run) removes them")
     stuck = 0
-    host = socket.gethostname()
+    host = this_host()
     clock = db.clock()
     for r in db.execute("SELECT lease_owner, lease_expires FROM task WHERE state='running'"):
         o_host, o_pid, _ = ((r[0] or "?:0:?").rsplit(":", 2) + ["", ""])[:3]
@@ -508,7 +513,7 @@ def gc_cutoff(db: Database, started: float) -> tuple[float, list[Runner]]:
     """The age an unreferenced object must have to be removed: older than gc itself and than every
     writer that could still commit a reference to it (runners, daemons, submits, on any host)."""
     active = active_runners(db)
-    host = socket.gethostname()
+    host = this_host()
     offset = db.clock() - time.time()  # runners' times are by the database's clock; file times by ours
     cutoff = min([started] + [r.started_at - offset - (0 if r.host == host else FOREIGN_CLOCK_SKEW)
                               for r in active]) - GC_SLACK
@@ -526,8 +531,7 @@ def gc(db: Database, store: Store, scratch: Path, *, cutoff: float, progress: Pr
 
         raise StoreError(f"gc: the database is damaged ({'; '.join(damage[:3])}), so it cannot say which objects are "
                          f"in use; nothing was removed. Restore it from a backup ('task-pipeline fsck' says more)")
-    if not dry_run:
-        rep.scratch = reap_dead_scratch(db, scratch, shared=scratch_shared)
+    rep.scratch = reap_dead_scratch(db, scratch, shared=scratch_shared, dry_run=dry_run)
     refs = referenced(db)
     for name, path, st in _iter_files(store):
         if progress:

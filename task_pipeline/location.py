@@ -68,12 +68,13 @@ def resolve(db: str | None = None, objects: str | None = None, scratch: str | No
                 raise UsageError(f"{flag} {value.encode('utf-8', 'surrogateescape')!r}: not UTF-8; use a path "
                                  f"that is") from None
     password_file = env.get(ENV_PASSWORD_FILE) or None
+    if objects is not None and "://" in objects:
+        raise UsageError(f"--objects {objects}: object stores other than a directory (s3://...) are not "
+                         f"supported yet; give a directory")
     if is_url(db):
         if objects is None:
             raise UsageError(f"a PostgreSQL store needs its objects directory too: add --objects DIR (a directory "
                              f"every host reaches), or set {ENV_OBJECTS}")
-        if objects.startswith("s3://"):
-            raise UsageError("--objects s3://... is not supported yet; give a directory every host reaches")
         obj = Path(objects).absolute()
         scr = Path(scratch).absolute() if scratch else Path("/var/tmp") / f"task-pipeline-{os.geteuid()}"
         return Location(db, obj, scr, obj / "incoming", password_file)

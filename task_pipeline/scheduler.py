@@ -55,6 +55,7 @@ COMMIT_WINDOW = 0.02   # seconds a commit waits for more results while workers a
 STARTED_FLUSH = 0.5    # seconds within which started scripts are recorded when nothing finishes
 IDLE_POLL = 1.0        # serve: look for work at least this often even if no notification came
 RECONNECT_MAX = 30.0   # serve: longest wait between attempts to reach a lost database
+STORE_PAUSE = 30.0     # serve: how long a full store stops new claims before it is tried again
 
 
 class Db:
@@ -225,11 +226,18 @@ class Board:
             return Counter(self.running), {k: len(q) for k, q in self.queued.items()}
 
 
+def _boot_clock() -> float:
+    """Seconds that keep counting while the machine is suspended (monotonic() stops then): a
+    lease expires during a suspend too."""
+    return time.clock_gettime(time.CLOCK_BOOTTIME)
+
+
 @dataclass
 class _Flags:
     stopping: bool = False
     reclaimed: float = field(default_factory=time.monotonic)
-    renewed: float = field(default_factory=time.monotonic)
+    renewed: float = field(default_factory=_boot_clock)
+    paused_until: float = 0.0   # serve: no new claims until then (the store was full)
 
 
 async def run_engine(db: Db, store: Store, opts: EngineOptions, reporter: Reporter,
@@ -305,6 +313,17 @@ async def run_engine(db: Db, store: Store, opts: EngineOptions, reporter: Report
         return [Result(c.task_id, c.token, c.step.name, c.attempt, c.input_name, ok=False, started_at=now,
                        finished_at=now, interrupted=True, started=False, error=why) for c in claimed]
 
+    def store_trouble(text: str) -> None:
+        """The store cannot take work (disk full): `run` stops (exit 3); `serve` waits and tries again,
+        since space usually comes back and a daemon that exits needs someone to start it."""
+        if not opts.persist:
+            summary.store_error = summary.store_error or text
+            flags.stopping = True
+            return
+        if time.monotonic() >= flags.paused_until:
+            reporter.log("error", f"{text}; no new tasks for {STORE_PAUSE:.0f}s, then trying again")
+        flags.paused_until = time.monotonic() + STORE_PAUSE
+
     async def commit(batch: list[Result], started: dict[int, int]) -> None:
         committing[0] += len(batch)
         try:
@@ -314,16 +333,14 @@ async def run_engine(db: Db, store: Store, opts: EngineOptions, reporter: Report
                 await anyio.to_thread.run_sync(_sync, store)
             rep = await db(state.commit, batch, owner, started)
         except StoreError as e:
-            summary.store_error = str(e)
-            flags.stopping = True
+            store_trouble(str(e))
             rep = CommitReport(requeued=batch)
         finally:
             committing[0] -= len(batch)
         board.committed(batch)
         for r in batch:
             if r.store_trouble:
-                summary.store_error = summary.store_error or r.error
-                flags.stopping = True
+                store_trouble(r.error or "the store cannot take the attempt")
         summary.absorb(rep)
         late = [r for r in rep.stale if r.started]
         if late:
@@ -366,14 +383,15 @@ async def run_engine(db: Db, store: Store, opts: EngineOptions, reporter: Report
             try:
                 still = await anyio.to_thread.run_sync(state.renew, heart, owner, held, opts.lease, limiter=limiter)
             except Exception as e:  # noqa: BLE001 - the watchdog acts if this goes on
-                reporter.log("warning", f"cannot renew leases: {_first_line(e)}")
+                # with nothing leased there is nothing at stake: a detail for -verbose
+                reporter.log("warning" if held else "debug", f"cannot renew leases: {_first_line(e)}")
                 if isinstance(e, DatabaseUnavailable):
                     try:
                         await anyio.to_thread.run_sync(heart.reconnect, limiter=limiter)
                     except Exception:
                         pass
                 continue
-            flags.renewed = time.monotonic()
+            flags.renewed = _boot_clock()
             lost = board.drop_lost(still)
             if board.dropped:
                 wake[0].set()
@@ -387,18 +405,18 @@ async def run_engine(db: Db, store: Store, opts: EngineOptions, reporter: Report
     async def watchdog() -> None:
         """No renewal for 4/5 of a lease: our leases may be expiring; stop our scripts."""
         while True:
-            await anyio.sleep(1)
-            if time.monotonic() - flags.renewed > opts.lease * 0.8:
+            await anyio.sleep(min(1.0, opts.lease / 20))
+            if _boot_clock() - flags.renewed > opts.lease * 0.8:
                 with board.cond:
                     mine = set(board.held)
                 if mine:
                     n = procs.kill_tasks(mine)
                     board.drop_lost(set())
                     wake[0].set()
-                    reporter.log("error", f"could not renew leases for {time.monotonic() - flags.renewed:.0f}s; "
+                    reporter.log("error", f"could not renew leases for {_boot_clock() - flags.renewed:.0f}s; "
                                           f"stopped {n} script(s) so that no task runs twice; their tasks go back "
                                           f"to the queue")
-                flags.renewed = time.monotonic()
+                flags.renewed = _boot_clock()
 
     async def drain_on_stop() -> None:
         assert stop is not None
@@ -455,6 +473,8 @@ async def run_engine(db: Db, store: Store, opts: EngineOptions, reporter: Report
                 room = opts.parallel + lookahead - sum(running.values()) - n_queued
                 if committing[0] + len(board.results) >= MAX_WAITING or n_queued > lookahead // 2:
                     room = 0
+                if time.monotonic() < flags.paused_until:
+                    room = 0
                 if room > 0:
                     caps = partial(_caps, opts=opts, running=running, queued=queued)
                     board.add(await db(state.claim, owner, caps, room, opts.lease))
@@ -483,6 +503,8 @@ async def run_engine(db: Db, store: Store, opts: EngineOptions, reporter: Report
                     timeout = 0.5  # others are running the rest: their commits may make more
                 elif watcher is not None:
                     timeout = IDLE_POLL * 30  # the watcher wakes us; poll now and then regardless
+                if time.monotonic() < flags.paused_until:
+                    timeout = max(0.05, flags.paused_until - time.monotonic())
             await wait_for_work(timeout)
             wake[0] = anyio.Event()
 

@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
 from task_pipeline.db import Database
+from task_pipeline.host import this_host
 from task_pipeline.errors import UsageError
 from task_pipeline.manifest import Manifest
 from task_pipeline.routing import Router, is_glob, matches, route_key
@@ -441,7 +442,7 @@ def submit(db: Database, items: list[tuple[str, str, int, str | None]], runset: 
 
 
 def runner_id() -> str:
-    return f"{socket.gethostname()}:{os.getpid()}:{os.urandom(3).hex()}"
+    return f"{this_host()}:{os.getpid()}:{os.urandom(3).hex()}"
 
 
 def register_runner(db: Database, owner: str, kind: str) -> None:
@@ -581,7 +582,7 @@ def recover(db: Database, *, exclude: str | None = None) -> int:
     Decided inside the writers' lock with the clock read there: a runner whose renewal was
     only waiting for the same lock keeps its tasks if it got there first.
     """
-    host = socket.gethostname()
+    host = this_host()
     n = 0
     with db.transaction():
         now = db.clock()
@@ -899,11 +900,12 @@ def plan(db: Database, steps: frozenset[str] | None = None) -> dict[str, Counter
         if steps is not None and s.name not in steps:
             continue
         c = Counter()
-        for seed, replaces, attempts, n in db.execute(
+        for seed, replaces, tried, n in db.execute(
                 """SELECT seed != '' OR (input_hash = '' AND parent_id IS NULL), replaces IS NOT NULL,
-                          attempts > 0, count(*)
+                          attempts > 0 OR finished_at IS NOT NULL, count(*)
                    FROM task WHERE step_id=? AND state='pending' AND live=1 GROUP BY 1, 2, 3""", (s.step_id,)):
-            reason = "retry" if attempts else "re-run" if replaces else "start" if seed else "new input"
+            # a re-run replaces a finished result (migrate, invalidate); a retry follows a failure
+            reason = "re-run" if replaces else "retry" if tried else "start" if seed else "new input"
             c[reason] += n
         if c:
             out[s.name] = c

@@ -7,7 +7,6 @@ import json
 import os
 import pty
 import select
-import socket
 import subprocess
 import sys
 import time
@@ -18,6 +17,7 @@ import pytest
 import backends
 from task_pipeline import housekeeping
 from task_pipeline.db import open_database
+from task_pipeline.host import this_host
 from task_pipeline.store import Store
 
 pytestmark = pytest.mark.backends
@@ -120,7 +120,7 @@ def test_fsck_reports_strays_leftovers_and_tasks_held_by_dead_runners(cli):
     dead.wait()
     (cli.db / "tmp" / f"task-slot1-abcdef-{dead.pid}").mkdir()
     backends.execute(cli.db, "UPDATE task SET state='running', lease_owner=?, lease_expires=? WHERE input_name='work_1'",
-                     f"{socket.gethostname()}:{dead.pid}:abcdef", time.time() + 100)
+                     f"{this_host()}:{dead.pid}:abcdef", time.time() + 100)
     rc, rep = fsck_json(cli)
     assert rc == 0, rep  # harmless: warnings, not problems
     text = "\n".join(rep["warnings"])
@@ -194,7 +194,7 @@ def test_gc_refuses_while_a_runner_is_active_unless_forced(cli, tmp_path):
     backends.execute(cli.db, "DELETE FROM runner")
     dead = subprocess.Popen(["true"])
     dead.wait()
-    _runner_row(cli.db, socket.gethostname(), dead.pid, time.time())
+    _runner_row(cli.db, this_host(), dead.pid, time.time())
     _runner_row(cli.db, "elsewhere.example", 4343, time.time() - 3600)  # long silent: gone
     cli.ok("-db", cli.db, "gc")
 

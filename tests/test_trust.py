@@ -23,6 +23,7 @@ from pathlib import Path
 
 import pytest
 
+import backends
 from conftest import ROOT, CLI, run_cli
 
 QUICKSTART = ROOT / "manifests" / "quickstart.toml"
@@ -1133,3 +1134,92 @@ def test_hostile_command_line_gives_one_line_never_a_traceback(fuzz_results, arg
         assert written.is_file()
         v = subprocess.run(_argv(["validate", written]), cwd=home, env=env(), capture_output=True, timeout=60)
         assert v.returncode == 0, v.stderr.decode()
+
+
+# -- found while documenting ---------------------------------------------------------------------------------
+
+
+def test_a_store_directory_can_be_moved_but_its_objects_cannot_be_renamed_by_mistake(cli):
+    m, _ = two_items(cli)
+    cli.ok("run", m, "-db", cli.db)
+    moved = cli.tmp / "moved"
+    cli.db.rename(moved)
+    assert status(cli, moved)["totals"]["done"] == 3  # a moved store keeps working
+    elsewhere = cli.tmp / "objects-elsewhere"
+    r = cli("status", "-db", moved, "--objects", elsewhere)
+    assert r.returncode == 2 and "keeps its objects in" in one_line_error(r), r.err
+    # a store made with its objects elsewhere must be named with them
+    other = cli.tmp / "other"
+    cli.ok("run", m, "-db", other, "--objects", elsewhere)
+    r = cli("export", "done", "-db", other)
+    assert r.returncode == 2 and str(elsewhere) in one_line_error(r)
+    assert cli.ok("export", "done", "-db", other, "--objects", elsewhere).out.startswith(str(elsewhere))
+    r = cli("status", "-db", other, "--objects", "s3://bucket/prefix")
+    assert r.returncode == 2 and "not supported yet" in one_line_error(r)
+
+
+def test_a_runner_with_the_same_host_name_elsewhere_is_judged_by_its_lease_not_a_pid(cli):
+    """Cloned machines share a host name; a pid of theirs means nothing here."""
+    import socket
+
+    from task_pipeline.host import this_host
+
+    m, _ = two_items(cli)
+    cli.ok("run", m, "-db", cli.db, "-step", "fetch")
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    twin = f"{socket.gethostname()}~ffffff"  # same name, another boot or pid namespace
+    assert twin != this_host()
+    backends.execute(cli.db, """UPDATE task SET state='running', token=token+1, lease_owner=?, lease_expires=?
+                                WHERE input_name='process_1.txt'""", f"{twin}:{dead.pid}:abcdef", time.time() + 3)
+    t0 = time.monotonic()
+    cli.ok("run", m, "-db", cli.db)
+    assert time.monotonic() - t0 > 2.0  # waited for the lease, did not trust the pid
+    assert status(cli)["totals"]["done"] == 3
+
+
+def test_gc_dry_run_counts_leftover_scratch_too(cli):
+    m, _ = two_items(cli)
+    cli.ok("run", m, "-db", cli.db)
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    left = cli.db / "tmp" / f"task-slot1-abcdef-{dead.pid}"
+    left.mkdir()
+    (left / "junk").write_bytes(b"x" * 5000)
+    out = json.loads(cli.ok("gc", "-db", cli.db, "--dry-run", "--json").out)
+    assert out["scratch_removed"] == 1 and out["bytes_freed"] >= 5000, out
+    assert left.exists()
+    cli.ok("gc", "-db", cli.db)
+    assert not left.exists()
+
+
+def test_a_dry_run_calls_tasks_requeued_by_retry_retries(cli):
+    m = cli.manifest("""
+        [[step]]
+        name = "gen"
+        start = true
+        script = 'echo 1 > "$OUTPUT_DIR/flaky_1"'
+
+        [[step]]
+        name = "flaky"
+        script = 'exit 1'
+        """)
+    assert cli("run", m, "-db", cli.db).returncode == 1
+    cli.ok("retry", "-db", cli.db)
+    plan = cli.ok("run", m, "-db", cli.db, "--dry-run").out
+    assert re.search(r"flaky\s+1\s+1 retry", plan), plan
+
+
+def test_why_all_includes_superseded_producers(cli):
+    m = cli.manifest("""
+        [[step]]
+        name = "gen"
+        start = true
+        script = 'echo same > "$OUTPUT_DIR/done_x"'
+        """)
+    cli.ok("run", m, "-db", cli.db)
+    cli.ok("invalidate", "gen", "-db", cli.db)
+    cli.ok("run", m, "-db", cli.db)
+    h = json.loads(cli.ok("export", "done", "-db", cli.db, "--json").out)[0]["hash"]
+    assert len(json.loads(cli.ok("why", h, "-db", cli.db, "--json").out)) == 1
+    assert len(json.loads(cli.ok("why", h, "-db", cli.db, "--json", "--all").out)) >= 1

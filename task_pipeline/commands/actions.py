@@ -30,7 +30,7 @@ def run_hint(db, a: Namespace) -> str:
     """How to run what was just queued: with the manifest the store was registered from."""
     manifest = state.meta(db, "manifest")
     m = f" {_q(manifest)}" if manifest else " -manifest M"
-    return f"task-pipeline run{m} {store_args(a)}, or let 'serve' pick them up"
+    return " ".join(x for x in (f"task-pipeline run{m}", store_args(a)) if x) + ", or let 'serve' pick them up"
 
 
 def _q(s: str) -> str:

@@ -43,6 +43,7 @@ def open_store(a: Namespace, *, create: bool = False) -> Opened:
     if wanted and wanted != algo and not created:
         raise UsageError(f"--hash {wanted}: this store hashes with {algo}, fixed when it was created; "
                          f"leave out --hash, or create a new store (another -db) for {wanted}")
+    _check_objects_location(db, loc, created)
     store = Store(loc.objects, loc.incoming, algo)
     if create:
         store.create_dirs()
@@ -53,6 +54,26 @@ def open_store(a: Namespace, *, create: bool = False) -> Opened:
     store.check()
     fsutil.check_private(str(loc.scratch), "scratch directory")
     return Opened(db, store, loc, created)
+
+
+def _check_objects_location(db: Database, loc: Location, created: bool) -> None:
+    """A store directory whose objects live elsewhere (--objects) records where, when it is made;
+    naming another place later would split the store in two (new outputs in one place, the old
+    ones in the other). The default, DB/objects, is recorded as such, so that the store directory
+    can be moved or copied."""
+    if loc.shared:
+        return  # hosts may mount a shared objects directory at different paths
+    here = os.path.abspath(loc.objects)
+    default = os.path.abspath(os.path.join(loc.db, "objects"))
+    if created:
+        with db.transaction():
+            state.set_meta(db, "objects", "" if here == default else here)
+        return
+    recorded = state.meta(db, "objects") or default
+    if recorded != here and not (os.path.exists(recorded) and os.path.exists(here)
+                                 and os.path.samefile(recorded, here)):
+        raise UsageError(f"{loc.db}: this store keeps its objects in {recorded}, not {here}; pass --objects "
+                         f"{recorded}, or leave --objects out if that is the store's own objects directory")
 
 
 def need_manifest(a: Namespace, *, runs: bool = True) -> Manifest:
@@ -82,7 +103,7 @@ def command_hint(a: Namespace, *words: str, manifest: bool = True) -> str:
     parts = ["task-pipeline", *words]
     if manifest and a.manifest:
         parts += ["-manifest", _quote(a.manifest)]
-    return " ".join(parts + [store_args(a)]).rstrip()
+    return " ".join(p for p in parts + [store_args(a)] if p)
 
 
 def _quote(s: str) -> str:

@@ -10,6 +10,7 @@ from typing import Iterator
 from task_pipeline import housekeeping as hk
 from task_pipeline.commands.common import open_store, print_json
 from task_pipeline.errors import UsageError
+from task_pipeline.host import display
 from task_pipeline.report import Output
 
 
@@ -63,7 +64,8 @@ def cmd_gc(a: Namespace, out: Output) -> int:
     cutoff, active = hk.gc_cutoff(db, started)
     if active and not a.force and not a.dry_run:
         clock = db.clock()
-        who = ", ".join(f"{r.kind} {r.host}:{r.pid} (heartbeat {max(clock - r.heartbeat, 0):.0f}s ago)" for r in active)
+        who = ", ".join(f"{r.kind} {display(r.host)}:{r.pid} (heartbeat {max(clock - r.heartbeat, 0):.0f}s ago)"
+                        for r in active)
         raise UsageError(f"gc: {len(active)} runner(s) or writer(s) active on this store: {who}; wait for them to "
                          f"finish, or pass --force (what they stored since they started is kept)")
     with progress_bar(out, "gc", _object_bytes(db)) as advance:
@@ -81,7 +83,9 @@ def cmd_gc(a: Namespace, out: Output) -> int:
         out.log("warning", f"could not remove {e}")
     size = f" ({hk.fmt_bytes(freed)})" if freed >= 1024 else ""
     if a.dry_run:
-        msg = f"gc --dry-run: would free {freed} bytes{size}: {rep.removed} unreferenced object(s); nothing was removed"
+        msg = (f"gc --dry-run: would free {freed} bytes{size}: {rep.removed} unreferenced object(s), "
+               f"{rep.scratch.removed} leftover scratch entr{'y' if rep.scratch.removed == 1 else 'ies'}; "
+               f"nothing was removed")
     else:
         msg = (f"gc: freed {freed} bytes{size}: {rep.removed} unreferenced object(s), {rep.scratch.removed} leftover "
                f"scratch entr{'y' if rep.scratch.removed == 1 else 'ies'}")

@@ -1,8 +1,8 @@
 """Getting results out: `export` (list them, or write them into a directory), `cat`, `why`.
 
 `export --to DIR` gives make users what they expect: the current results as
-ordinary files under their own names. They are copies (the kernel shares the
-blocks where the filesystem can), read-only; `--link` makes hard links instead,
+ordinary files under their own names. They are read-only copies, checked against
+their hash as they are copied; `--link` makes hard links instead,
 which cost nothing but share the store's inode: editing one would change the
 object, which `fsck` would then report as corrupt. Nothing is overwritten: a
 name that would hold two different results, or a file already there with other
@@ -179,7 +179,7 @@ def cmd_cat(a: Namespace, out: Output) -> int:
 def cmd_why(a: Namespace, out: Output) -> int:
     opened = open_store(a)
     h = queries.resolve_hash(opened.db, object_ref(a.args[0], opened.store))
-    chains = queries.lineages(opened.db, h, history=a.history if hasattr(a, "history") else False)
+    chains = queries.lineages(opened.db, h, history=a.history)
     if a.json:
         print_json(chains)
         return 0

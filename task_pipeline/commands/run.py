@@ -126,7 +126,9 @@ def finish_run(opened: Opened, summary: Summary, a: Namespace, out: Output, step
             out.log("info", "nothing to do: no start step and no pending tasks; add inputs with "
                             f"'{command_hint(a, 'submit', manifest=False)} STEP FILE'")
         elif not failed:
-            out.log("info", f"nothing to do: {left['done']} task(s) already done, none pending")
+            tainted = sum(t.count for t in state.tainted(db).values())
+            out.log("info", f"nothing to do: {left['done']} task(s) already done, none pending"
+                            + (f"; {tainted} finished task(s) are tainted (see above)" if tainted else ""))
     else:
         rows = []
         for name in manifest.names:

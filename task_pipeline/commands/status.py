@@ -70,7 +70,8 @@ def cmd_logs(a: Namespace, out: Output) -> int:
               f"{info['state']}" + ("" if info["live"] else " (superseded)"))
     for at in info["attempts"]:
         dur = (at["finished_at"] - at["started_at"]) if at["started_at"] and at["finished_at"] else None
-        out.print(f"-- attempt {at['attempt']}: {at['outcome']}, exit {at['exit_code']}"
+        code = "" if at["exit_code"] is None else f", exit {at['exit_code']}"
+        out.print(f"-- attempt {at['attempt']}: {at['outcome']}{code}"
                   + (f", {dur:.2f}s" if dur is not None else "") + (f": {at['error']}" if at["error"] else ""))
         for label in ("stdout", "stderr"):
             h = at[f"{label}_hash"]
