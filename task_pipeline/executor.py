@@ -18,13 +18,12 @@ from __future__ import annotations
 
 import errno
 import os
-import queue
 import signal
 import stat
 import subprocess
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from task_pipeline import fsutil
@@ -125,13 +124,10 @@ class Slot:
     path: str
     fd: int
     made: int = 0                      # attempt directories made in it (a<N>: N is never reused)
-    ready: str | None = None           # one made ahead by the janitor, not used yet
-    lock: threading.Lock = field(default_factory=threading.Lock)
 
     def next_name(self) -> str:
-        with self.lock:
-            self.made += 1
-            return f"a{self.made}"
+        self.made += 1
+        return f"a{self.made}"
 
 
 @dataclass
@@ -143,6 +139,7 @@ class AttemptDirs:
     in_fd: int
     out_fd: int
     out_stat: os.stat_result
+    input_name: str | None = None      # the input copy made in in/
 
     def close(self) -> None:
         for fd in (self.in_fd, self.out_fd, self.fd):
@@ -156,11 +153,12 @@ class Slots:
     """Scratch slots: one per task running at once, each a directory `task-slotN-<nonce>-<pid>`
     (housekeeping tells a dead runner's scratch by the pid), opened once and reused.
 
-    Every attempt works in a fresh subdirectory `a<N>` of its slot (a name never used again).
-    Removing a finished one is the janitor's job, in a thread of its own: removing directories
-    costs a fraction of a millisecond each on some filesystems (ext4 with discard), as much as
-    a tiny script, and nothing needs to wait for it. What the janitor cannot remove (a straggler
-    still writing there) goes with the slot when the runner closes it, or with the next sweep.
+    Every attempt works in a fresh subdirectory `a<N>` of its slot (a name never used again),
+    removed by the worker when the attempt is over. (A janitor thread doing that, and making
+    the next directories ahead, was measured: the GIL it takes between syscalls made every
+    worker's Popen half a millisecond slower, more than the work it took over.) What cannot be
+    removed (a straggler still writing there) goes with the slot when the runner closes it, or
+    with the next sweep.
     """
 
     def __init__(self, scratch: Path) -> None:
@@ -170,34 +168,6 @@ class Slots:
         self._all: list[Slot] = []
         self._made = 0
         self._nonce = os.urandom(3).hex()
-        self._trash: queue.SimpleQueue = queue.SimpleQueue()
-        self._janitor: threading.Thread | None = None
-
-    def _sweep(self) -> None:
-        """The janitor: remove what finished attempts left, and make the slot's next directories."""
-        while (item := self._trash.get()) is not None:
-            slot, name = item
-            if name is not None:
-                try:
-                    fsutil.remove_tree_at(slot.fd, name)
-                except OSError:
-                    pass  # removed with the whole slot at close
-            with slot.lock:
-                wanted = slot.ready is None
-            if wanted:
-                try:
-                    ahead = slot.next_name()
-                    _make_attempt_dirs(slot.fd, ahead)
-                except OSError:
-                    continue  # begin() will try, and say what is wrong
-                with slot.lock:
-                    if slot.ready is None:
-                        slot.ready = ahead
-                        continue
-                try:
-                    fsutil.remove_tree_at(slot.fd, ahead)
-                except OSError:
-                    pass
 
     def acquire(self) -> Slot:
         with self._lock:
@@ -215,19 +185,11 @@ class Slots:
         slot = Slot(f"{self.scratch}/{name}", fd)
         with self._lock:
             self._all.append(slot)
-            if self._janitor is None:
-                self._janitor = threading.Thread(target=self._sweep, name="scratch janitor", daemon=True)
-                self._janitor.start()
         return slot
 
     def begin(self, slot: Slot) -> AttemptDirs:
-        """The attempt's directories: the ones the janitor made ahead (unused by anyone: nothing
-        ever ran in them), or new ones."""
-        with slot.lock:
-            name, slot.ready = slot.ready, None
-        if name is None:
-            name = slot.next_name()
-            _make_attempt_dirs(slot.fd, name)
+        name = slot.next_name()
+        _make_attempt_dirs(slot.fd, name)
         fd = fsutil.open_dir(name, slot.fd)
         try:
             in_fd = fsutil.open_dir("in", fd)
@@ -240,17 +202,16 @@ class Slots:
     def release(self, slot: Slot, dirs: AttemptDirs | None) -> None:
         if dirs is not None:
             dirs.close()
-        self._trash.put((slot, os.path.basename(dirs.path) if dirs is not None else None))
+            try:
+                _remove_attempt(slot.fd, os.path.basename(dirs.path), dirs.input_name)
+            except OSError:
+                pass  # removed with the whole slot at close
         with self._lock:
             self._free.append(slot)
 
     def close(self) -> None:
         with self._lock:
             slots, self._free, self._all = self._all, [], []
-            janitor, self._janitor = self._janitor, None
-        if janitor is not None:
-            self._trash.put(None)
-            janitor.join()
         for slot in slots:
             name = os.path.basename(slot.path)
             os.close(slot.fd)
@@ -264,6 +225,34 @@ class Slots:
                 pass
             finally:
                 os.close(base)
+
+
+def _remove_attempt(slot_fd: int, name: str, input_name: str | None) -> None:
+    """Remove an attempt's directory. The usual case (the files we made, outputs moved away, an
+    empty TMPDIR) takes a few unlinks and rmdirs, each relative to a directory opened without
+    following symlinks; anything else, whatever a script left behind, goes through the careful
+    walk (fsutil.remove_tree_at)."""
+    try:
+        fd = fsutil.open_dir(name, slot_fd)
+    except FileNotFoundError:
+        return
+    try:
+        try:
+            os.unlink("stdout", dir_fd=fd)
+            os.unlink("stderr", dir_fd=fd)
+            if input_name is not None:
+                in_fd = fsutil.open_dir("in", fd)
+                try:
+                    os.unlink(input_name, dir_fd=in_fd)
+                finally:
+                    os.close(in_fd)
+            for sub in ("in", "out", "tmp"):
+                os.rmdir(sub, dir_fd=fd)
+        except OSError:
+            fsutil.empty_dir_fd(fd)
+    finally:
+        os.close(fd)
+    os.rmdir(name, dir_fd=slot_fd)
 
 
 def _make_attempt_dirs(slot_fd: int, name: str) -> None:
@@ -329,6 +318,7 @@ def _run(job: Job, procs: ProcessTable, dirs: AttemptDirs, res: Result) -> None:
     c = job.claimed
     step = c.step
     in_name = input_file_name(c.input_name)
+    dirs.input_name = in_name
     try:
         fd = os.open(in_name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o444,
                      dir_fd=dirs.in_fd)

@@ -24,9 +24,22 @@ def open_dir(name: str, dir_fd: int | None = None) -> int:
     return os.open(name, DIR_FLAGS, dir_fd=dir_fd)
 
 
+def _read_umask() -> int:
+    mask = os.umask(0o077)
+    os.umask(mask)
+    return mask
+
+
+_UMASK = _read_umask()  # read once, at import (os.umask is process-wide: not for threads to juggle)
+
+
 def make_dir(name: str, mode: int, dir_fd: int | None = None) -> None:
-    """mkdir with exactly `mode` (the umask could only add bits we then remove, or remove ours)."""
+    """mkdir with exactly `mode`, whatever the umask. One syscall when the umask leaves `mode` alone
+    (the common case: this runs several times per task); otherwise the mode is set afterwards,
+    through a descriptor, so that a name swapped meanwhile is not followed."""
     os.mkdir(name, mode, dir_fd=dir_fd)
+    if mode & _UMASK == 0:
+        return
     fd = open_dir(name, dir_fd)
     try:
         if stat.S_IMODE(os.fstat(fd).st_mode) != mode:
