@@ -810,29 +810,55 @@ def _runset(db: Database, task_id: int) -> str:
 
 def _activate(db: Database, pipe: Pipeline, parent: int, produced: list[tuple[str, str]], runset: str,
               created: Counter, unrouted: Counter, now: float) -> None:
-    """Route a live task's outputs: a task per consumer, or revive one that was retired."""
+    """Route a live task's outputs: a task per consumer, or revive one that was retired.
+
+    In rounds, each a few statements whatever the number of outputs: which of the wanted tasks
+    exist already, one insert for the missing ones; a revived task's own outputs make the next
+    round. (One statement per output kept a start task with thousands of outputs in its commit
+    for most of a second, with the writers' lock held.)"""
     stack = [(parent, name, h, runset) for name, h in produced]
     while stack:
-        parent, name, h, runset = stack.pop()
-        consumers = pipe.router.consumers(name)
-        if not consumers:
-            if route_key(name) != "done":
-                unrouted[route_key(name)] += 1
-            continue
-        for c in consumers:
-            step_id = pipe.steps[c].step_id
-            cur = db.execute(
-                """INSERT INTO task(step_id, input_name, input_hash, runset, parent_id, created_at)
-                   VALUES (?,?,?,?,?,?) ON CONFLICT DO NOTHING""",
-                (step_id, name, h, runset, parent, now))
-            if cur.rowcount:
-                created[c] += 1
+        batch, stack = stack, []
+        wanted: dict[tuple[int, str, str], tuple[str, str, int]] = {}   # (step_id, name, hash) -> (step, runset, parent)
+        for parent, name, h, runset in batch:
+            consumers = pipe.router.consumers(name)
+            if not consumers:
+                if route_key(name) != "done":
+                    unrouted[route_key(name)] += 1
                 continue
-            row = db.execute(
-                """UPDATE task SET live=1 WHERE step_id=? AND input_name=? AND input_hash=? AND seed='' AND live=0
-                   RETURNING id, state, runset""", (step_id, name, h)).fetchone()
+            for c in consumers:
+                wanted.setdefault((pipe.steps[c].step_id, name, h), (c, runset, parent))
+        if not wanted:
+            continue
+        existing = _existing_tasks(db, list(wanted))
+        missing = [k for k in wanted if k not in existing]
+        db.executemany(
+            """INSERT INTO task(step_id, input_name, input_hash, runset, parent_id, created_at)
+               VALUES (?,?,?,?,?,?) ON CONFLICT DO NOTHING""",
+            [(k[0], k[1], k[2], wanted[k][1], wanted[k][2], now) for k in missing])
+        for k in missing:
+            created[wanted[k][0]] += 1
+        for k, (task_id, live) in existing.items():
+            if live:
+                continue
+            row = db.execute("UPDATE task SET live=1 WHERE id=? AND live=0 RETURNING id, state, runset",
+                             (task_id,)).fetchone()
             if row is not None and row["state"] == DONE:
                 stack += [(row["id"], n2, h2, row["runset"]) for n2, h2 in _outputs(db, row["id"])]
+
+
+def _existing_tasks(db: Database, keys: list[tuple[int, str, str]]) -> dict[tuple[int, str, str], tuple[int, int]]:
+    """Which of these (step_id, input_name, input_hash) have a task already (seed ''): key -> (id, live)."""
+    found: dict[tuple[int, str, str], tuple[int, int]] = {}
+    for i in range(0, len(keys), 300):
+        chunk = keys[i:i + 300]
+        values = ",".join("(?,?,?)" for _ in chunk)
+        for r in db.execute(
+                f"""SELECT t.id, t.step_id, t.input_name, t.input_hash, t.live FROM task t
+                    WHERE t.seed = '' AND (t.step_id, t.input_name, t.input_hash) IN (VALUES {values})""",
+                [x for k in chunk for x in k]):
+            found[(r[1], r[2], r[3])] = (r[0], r[4])
+    return found
 
 
 def _retire(db: Database, gone: list[tuple[str, str]]) -> None:
