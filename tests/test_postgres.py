@@ -275,3 +275,48 @@ def test_a_postgresql_store_needs_its_objects_and_keeps_its_password_out_of_sigh
     # the same store through the environment variables
     r = cli("status", "--json", env={"TASK_PIPELINE_DB": cli.url, "TASK_PIPELINE_OBJECTS": str(cli.db / "objects")})
     assert r.returncode == 0 and json.loads(r.out)["totals"]["done"] == 1, r.err
+
+
+@PG
+def test_every_command_works_on_a_postgresql_store(cli, tmp_path):
+    m = cli.manifest("""
+        [[step]]
+        name = "fetch"
+        start = true
+        script = 'for i in 1 2 3; do echo "item $i" > "$OUTPUT_DIR/shout_$i.txt"; done'
+
+        [[step]]
+        name = "shout"
+        script = 'tr a-z A-Z < "$INPUT_FILE" > "$OUTPUT_DIR/done_$INPUT_NAME"'
+        """)
+    db = ["-db", cli.db]
+    assert "3 step" not in cli.ok("validate", m, *db).out  # against the store: there is none yet
+    cli.ok("run", m, *db)
+    st = json.loads(cli.ok("status", *db, "--json").out)
+    assert st["totals"]["done"] == 4 and st["store"].startswith("postgresql://")
+    done = json.loads(cli.ok("export", "done", *db, "--json").out)
+    assert len(done) == 3 and all(Path(r["path"]).exists() for r in done)
+    assert cli.ok("cat", done[0]["hash"], *db).out.startswith("ITEM")
+    assert len(json.loads(cli.ok("why", done[0]["path"], *db, "--json").out)) == 1
+    assert len(json.loads(cli.ok("export", "--outputs", "fetch", *db, "--json").out)) == 3
+    assert len(json.loads(cli.ok("export", "shout", *db, "--json").out)) == 3
+    cli.ok("export", "done", *db, "--to", tmp_path / "results")
+    assert sorted(p.name for p in (tmp_path / "results").iterdir()) == [f"done_shout_{i}.txt" for i in (1, 2, 3)]
+    task = json.loads(cli.ok("export", "shout", *db, "--json").out)[0]["task"]
+    assert "attempt 1: ok" in cli.ok("logs", str(task), *db).out
+    assert "flowchart" in cli.ok("graph", *db).out
+    f = tmp_path / "shout_extra.txt"
+    f.write_text("extra\n")
+    assert "queued for shout" in cli.ok("submit", "--route", f, *db).out
+    cli.ok("invalidate", "shout", *db)
+    cli.ok("run", m, *db)
+    changed = m.read_text().replace("tr a-z A-Z", "tr a-z A-Z | rev")
+    m.write_text(changed)
+    assert "would be tainted" in cli.ok("validate", m, *db).out
+    cli.ok("run", m, *db)
+    assert json.loads(cli.ok("migrate", m, *db, "--json").out)["shout"]["tasks"] == 4
+    cli.ok("run", m, *db)
+    assert cli("retry", *db).returncode == 0
+    assert json.loads(cli.ok("fsck", *db, "--json").out)["ok"]
+    assert json.loads(cli.ok("gc", *db, "--json").out)["errors"] == []
+    assert json.loads(cli.ok("fsck", *db, "--json").out)["ok"]

@@ -524,3 +524,90 @@ def test_a_bit_flipped_database_gives_one_line_never_a_traceback(cli):
                 assert len(r.err.strip().splitlines()) == 1, (seed, args, r.err)
         shutil.rmtree(copy)
     assert damaged > 0  # the flips did hit something
+
+
+# -- 10. escape sequences from scripts never reach a terminal raw -----------------------------------------------
+
+
+OSC52 = "\x1b]52;c;ZXZpbA==\x07"      # write "evil" to the clipboard
+TITLE = "\x1b]0;pwned\x07"            # change the window title
+
+
+def _on_a_terminal(cli, *args) -> str:
+    """Run the CLI with its stdout and stderr on a pseudo-terminal; return what the terminal got."""
+    import pty
+    import select
+
+    pid, fd = pty.fork()
+    if pid == 0:
+        os.chdir(cli.tmp)
+        os.execve(sys.executable, [sys.executable, "-m", "task_pipeline", *cli.argv(*args)],
+                  cli.environ({"COLUMNS": "200", "TERM": "xterm"}))
+    data = b""
+    while True:
+        r, _, _ = select.select([fd], [], [], 30)
+        if not r:
+            break
+        try:
+            chunk = os.read(fd, 65536)
+        except OSError:
+            break
+        if not chunk:
+            break
+        data += chunk
+    os.waitpid(pid, 0)
+    os.close(fd)
+    return data.decode("utf-8", "replace")
+
+
+EVIL_SCRIPT = r"""
+    [[step]]
+    name = "process"
+    script = '''
+    printf 'out \033]52;c;ZXZpbA==\007\n'
+    printf 'err \033]0;pwned\007 \033]52;c;ZXZpbA==\007\n' >&2
+    exit 3
+    '''
+    """
+
+
+def test_escape_sequences_from_scripts_and_names_are_shown_not_obeyed(cli, tmp_path):
+    m = cli.manifest(EVIL_SCRIPT)
+    cli.ok("-manifest", m, "-db", cli.db, "-run")
+    f = tmp_path / f"evil{TITLE}.txt"
+    f.write_text("x\n")
+    seen = {
+        "submit": _on_a_terminal(cli, "submit", "process", f, "-db", cli.db),
+        "run": _on_a_terminal(cli, "run", m, "-db", cli.db),
+        "status": _on_a_terminal(cli, "status", "-db", cli.db),
+    }
+    (task,) = [t for t, in query(cli.db, "SELECT id FROM task")]
+    seen["logs"] = _on_a_terminal(cli, "logs", str(task), "-db", cli.db)
+    for what, text in seen.items():
+        assert "\x1b]" not in text and "\x07" not in text, (what, text)
+    assert "\\x1b]52" in seen["logs"] and "\\x1b]0;pwned" in seen["run"] + seen["status"] + seen["submit"]
+    # piped (not a terminal), logs are the script's bytes as they were written
+    raw = cli.ok("logs", str(task), "-db", cli.db).out
+    assert OSC52 in raw
+
+
+def test_a_read_only_store_is_called_read_only_not_damaged(cli, small_disk):
+    m = cli.manifest(FIVE + """
+        [[step]]
+        name = "gen"
+        start = true
+        script = 'echo 1 > "$OUTPUT_DIR/process_1"'
+        """)
+    cli.ok("-manifest", m, "-db", cli.db, "-run")
+    r = subprocess.run(["mount", "-o", "remount,ro", str(small_disk)], capture_output=True, text=True)
+    if r.returncode != 0:
+        pytest.skip(f"cannot remount read-only: {r.stderr.strip()}")
+    try:
+        for args in (["-manifest", m, "-db", cli.db, "-run"], ["-db", cli.db, "retry"], ["-db", cli.db, "status"]):
+            r = cli(*args)
+            assert "Traceback" not in r.err and "backup" not in r.err and "damaged" not in r.err, (args, r.err)
+            if r.returncode != 0:
+                assert r.returncode == 3 and "read-only" in r.err, (args, r.err)
+                assert len(r.err.strip().splitlines()) == 1
+    finally:
+        subprocess.run(["mount", "-o", "remount,rw", str(small_disk)], check=False)
