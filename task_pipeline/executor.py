@@ -383,8 +383,9 @@ def _run(job: Job, procs: ProcessTable, dirs: AttemptDirs, res: Result) -> None:
         if full and not timed_out:
             # The script ran out of space (a failed write, or a truncated output if it ignored the error):
             # not its fault and not trustworthy either way. The task goes back to the queue and the run stops.
-            raise StoreWriteError(f"cannot run {step.name}#{c.task_id}: the disk holding {job.store.tmp} is full "
-                                  f"({full}); free some space and run again")
+            raise StoreWriteError(f"cannot run {step.name}#{c.task_id}: the disk holding "
+                                  f"{os.path.dirname(os.path.dirname(dirs.path))} is full ({full}); free some space "
+                                  f"and run again")
         if timed_out:
             res.error = f"timed out after {step.policy.timeout:g}s"
         elif procs.stopping and rc != 0:
@@ -494,8 +495,7 @@ def _store_log(store: Store, fd: int) -> tuple[str, int] | None:
         size = os.fstat(fd).st_size
         if size == 0:
             return store.empty  # most logs are empty: no need to hash and move a file for them
-        os.lseek(fd, 0, os.SEEK_SET)
-        return store._copy_in(fd, size, fsync=False)
+        return store.ingest_log(fd, size)
     except OSError:
         return None  # losing a log must not lose the result
 

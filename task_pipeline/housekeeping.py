@@ -36,12 +36,12 @@ import stat
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable, Iterator
+from typing import Callable, Iterable
 
 from task_pipeline import fsutil
 from task_pipeline.host import this_host
 from task_pipeline.db import Database
-from task_pipeline.store import Store
+from task_pipeline.store import ObjectStore
 
 HEARTBEAT_FRESH = 90.0  # seconds: a runner on another host counts as active while its heartbeat is this recent
 FOREIGN_SCRATCH_AGE = 3600.0  # with a runner active on another host, only older scratch is swept
@@ -318,32 +318,6 @@ def _valid_hash(name: str) -> bool:
     return len(name) == 64 and set(name) <= HEX
 
 
-INCOMING = "incoming"  # objects being written, when objects live outside a store directory
-
-
-def _iter_files(store: Store) -> Iterator[tuple[str, str, os.stat_result]]:
-    """(name as a hash, path, lstat) for everything under objects/, whatever it is."""
-    root = str(store.objects)
-    if not os.path.isdir(root):
-        return
-    for a in sorted(os.scandir(root), key=lambda e: e.name):
-        if a.name == INCOMING and a.is_dir(follow_symlinks=False):
-            continue
-        if not a.is_dir(follow_symlinks=False):
-            yield a.name, a.path, a.stat(follow_symlinks=False)
-            continue
-        for b in sorted(os.scandir(a.path), key=lambda e: e.name):
-            if not b.is_dir(follow_symlinks=False):
-                yield a.name + b.name, b.path, b.stat(follow_symlinks=False)
-                continue
-            for f in os.scandir(b.path):
-                try:
-                    st = f.stat(follow_symlinks=False)
-                except FileNotFoundError:
-                    continue
-                yield a.name + b.name + f.name, f.path, st
-
-
 Progress = Callable[[int], None]  # told how many bytes more were looked at
 
 
@@ -430,7 +404,7 @@ class FsckReport:
     warnings: list[str] = field(default_factory=list)
 
 
-def fsck(db: Database, store: Store, scratch: Path, progress: Progress | None = None) -> FsckReport:
+def fsck(db: Database, store: ObjectStore, scratch: Path, progress: Progress | None = None) -> FsckReport:
     rep = FsckReport()
     damage = db.integrity() or content_problems(db)
     if damage:
@@ -439,35 +413,37 @@ def fsck(db: Database, store: Store, scratch: Path, progress: Progress | None = 
     rep.references = len(refs)
     sizes = {r[0]: r[1] for r in db.execute("SELECT hash, size FROM object")}
     seen: set[str] = set()
-    for name, path, st in _iter_files(store):
+    for e in store.scan():
+        name, path = e.name, e.where
         if not _valid_hash(name):
             rep.warnings.append(f"{path}: not an object (its name is not a hash); remove it")
             continue
-        if not stat.S_ISREG(st.st_mode):
-            rep.problems.append(Problem("not-a-file", name, f"{path} is not a regular file"
-                                        + (" (a symlink: someone planted it)" if stat.S_ISLNK(st.st_mode) else ""),
-                                        users(db, name) if name in refs else []))
+        if not e.regular:
+            rep.problems.append(Problem("not-a-file", name, f"{path} is not a regular file (a symlink or something "
+                                        f"else that someone put there)", users(db, name) if name in refs else []))
             seen.add(name)
             continue
         seen.add(name)
         rep.objects += 1
-        rep.bytes += st.st_size
+        rep.bytes += e.size
         actual = store.rehash(name)
         if progress:
-            progress(st.st_size)
+            progress(e.size)
         if actual is None:
             rep.problems.append(Problem("unreadable", name, f"object {name} cannot be read ({path})",
                                         users(db, name) if name in refs else []))
         elif actual != name:
             rep.problems.append(Problem(
                 "corrupt", name, f"object {name} is corrupt: its content hashes to {actual}"
-                + (f" ({st.st_size} bytes, {sizes[name]} recorded)" if name in sizes and sizes[name] != st.st_size else ""),
+                + (f" ({e.size} bytes, {sizes[name]} recorded)" if name in sizes and sizes[name] != e.size else ""),
                 users(db, name)))
         elif name not in refs:
             rep.unreferenced += 1
-            rep.unreferenced_bytes += st.st_size
-        if st.st_mode & 0o222:
-            rep.warnings.append(f"object {name} is writable (mode {stat.S_IMODE(st.st_mode):o}); it should be 0444")
+            rep.unreferenced_bytes += e.size
+        if store.local:
+            mode = os.lstat(path).st_mode
+            if mode & 0o222:
+                rep.warnings.append(f"object {name} is writable (mode {stat.S_IMODE(mode):o}); it should be 0444")
     for h in sorted(refs - seen):
         rep.problems.append(Problem("missing", h, f"object {h} is missing", users(db, h)))
     now = time.time()
@@ -520,7 +496,7 @@ def gc_cutoff(db: Database, started: float) -> tuple[float, list[Runner]]:
     return cutoff, active
 
 
-def gc(db: Database, store: Store, scratch: Path, *, cutoff: float, progress: Progress | None = None,
+def gc(db: Database, store: ObjectStore, scratch: Path, *, cutoff: float, progress: Progress | None = None,
        prune_dirs: bool = True, dry_run: bool = False, scratch_shared: bool = True) -> GcReport:
     """Remove leftover scratch, then unreferenced objects whose inode changed before `cutoff`, then their rows.
     With `dry_run`, count what would go and change nothing."""
@@ -533,47 +509,30 @@ def gc(db: Database, store: Store, scratch: Path, *, cutoff: float, progress: Pr
                          f"in use; nothing was removed. Restore it from a backup ('task-pipeline fsck' says more)")
     rep.scratch = reap_dead_scratch(db, scratch, shared=scratch_shared, dry_run=dry_run)
     refs = referenced(db)
-    for name, path, st in _iter_files(store):
+    for e in store.scan():
         if progress:
-            progress(st.st_size)
-        if not _valid_hash(name) or name in refs or not stat.S_ISREG(st.st_mode):
+            progress(e.size)
+        if not _valid_hash(e.name) or e.name in refs or not e.regular:
             continue
-        if st.st_ctime >= cutoff:
+        if e.changed >= cutoff:
             rep.kept_recent += 1
             continue
         if dry_run:
             rep.removed += 1
-            rep.bytes += st.st_size
+            rep.bytes += e.size
             continue
         try:
-            # look again right before: a runner may have just stored an identical output (which touches it)
-            if os.lstat(path).st_ctime >= cutoff:
+            if not store.remove(e.name, cutoff):
                 rep.kept_recent += 1
                 continue
-            os.unlink(path)
-        except FileNotFoundError:
-            continue
-        except OSError as e:
-            rep.scratch.errors.append(f"{path}: {e.strerror}")
+        except OSError as err:
+            rep.scratch.errors.append(f"{e.where}: {err.strerror or err}")
             continue
         rep.removed += 1
-        rep.bytes += st.st_size
-    incoming = store.objects / INCOMING
-    if incoming.is_dir():
-        # files being written to a shared objects directory, by runners on any host: only old ones are litter
-        for e in os.scandir(incoming):
-            try:
-                st = e.stat(follow_symlinks=False)
-            except OSError:
-                continue
-            if st.st_mtime < cutoff - FOREIGN_SCRATCH_AGE:
-                rep.incoming += 1
-                rep.bytes += st.st_size
-                if not dry_run:
-                    try:
-                        os.unlink(e.path)
-                    except OSError:
-                        pass
+        rep.bytes += e.size
+    # uploads a runner began and never finished, on any host: only old ones are litter
+    rep.incoming, leftover = store.tidy(cutoff - FOREIGN_SCRATCH_AGE, dry_run=dry_run, prune=prune_dirs)
+    rep.bytes += leftover
     if dry_run:
         return rep
     with db.transaction():
@@ -582,20 +541,4 @@ def gc(db: Database, store: Store, scratch: Path, *, cutoff: float, progress: Pr
         stale = [h for (h,) in db.execute("SELECT hash FROM object") if h not in refs and not store.has(h)]
         db.executemany("DELETE FROM object WHERE hash=?", [(h,) for h in stale])
         rep.rows = len(stale)
-    if prune_dirs and store.objects.is_dir():
-        for a in os.scandir(store.objects):
-            if not a.is_dir(follow_symlinks=False) or a.name == INCOMING:
-                continue
-            for b in os.scandir(a.path):
-                if b.is_dir(follow_symlinks=False):
-                    try:
-                        os.rmdir(b.path)
-                        rep.dirs += 1
-                    except OSError:
-                        pass
-            try:
-                os.rmdir(a.path)
-                rep.dirs += 1
-            except OSError:
-                pass
     return rep

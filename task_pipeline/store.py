@@ -1,5 +1,10 @@
 """The content-addressed object store: objects/ab/cd/<rest of hash> (SPEC section 8).
 
+Two implementations share one interface (`ObjectStore` below): `Store`, a directory
+on this host (or on a filesystem every host mounts), here; and `S3Store`, a bucket
+(s3store.py). Everything above them (executor, engine, commands, housekeeping)
+uses only the interface.
+
 Objects are immutable and read-only (0444). They get there by hashing a file
 once, streaming, then renaming it into place: no copy when the file is already
 on the store's filesystem (a task's OUTPUT_DIR usually is). A file that is not
@@ -25,7 +30,7 @@ import stat
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
-from typing import BinaryIO, Callable, Iterator
+from typing import BinaryIO, Callable, Iterator, Protocol
 
 from task_pipeline import fsutil
 from task_pipeline.errors import StoreError
@@ -41,6 +46,52 @@ try:
     _syncfs = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True).syncfs
 except (OSError, AttributeError):  # not Linux: fall back to sync()
     _syncfs = None
+
+
+@dataclass(frozen=True)
+class ObjectEntry:
+    """One thing found where objects live, as gc and fsck see it."""
+
+    name: str          # the hash it is stored under (or whatever name a stray file has)
+    where: str         # its path or URL, for messages
+    size: int
+    changed: float     # when it was last written or refreshed (ctime; a bucket's LastModified)
+    regular: bool      # a plain object (not a symlink, directory or device)
+
+
+class ObjectStore(Protocol):
+    """What the rest of task-pipeline needs from a place that keeps objects by hash.
+
+    Every object is written once under its hash and never changes. Writers hash what they
+    store as they read it; readers check the hash as they copy (`copy_to_fd`, `stream`).
+    """
+
+    algo: str
+    local: bool                      # objects are files on this host's filesystem (hard links possible)
+
+    def describe(self) -> str: ...
+    def create_dirs(self) -> None: ...
+    def check(self) -> None: ...
+    def path_str(self, h: str) -> str: ...
+    def name_of(self, where: str) -> str | None:
+        """The hash of the object at `where` (a path or URL as `path_str` gives it), or None."""
+    def has(self, h: str) -> bool: ...
+    def ingest_output(self, dir_fd: int, name: str, fd: int, st: os.stat_result, *,
+                      cancel: Callable[[], bool] | None = None) -> tuple[str, int]: ...
+    def ingest_log(self, fd: int, size: int) -> tuple[str, int]: ...
+    def ingest_path(self, src: Path | str) -> tuple[str, int]: ...
+    def ingest_stream(self, f: BinaryIO) -> tuple[str, int]: ...
+    def ingest_bytes(self, data: bytes) -> tuple[str, int]: ...
+    @property
+    def empty(self) -> tuple[str, int]: ...
+    def sync(self) -> None: ...
+    def copy_to_fd(self, h: str, out: int) -> int: ...
+    def stream(self, h: str, out: BinaryIO) -> None: ...
+    def read_tail(self, h: str, limit: int) -> tuple[bytes, int]: ...
+    def rehash(self, h: str) -> str | None: ...
+    def scan(self) -> Iterator[ObjectEntry]: ...
+    def remove(self, h: str, changed_before: float) -> bool: ...
+    def tidy(self, older_than: float, dry_run: bool = False, prune: bool = True) -> tuple[int, int]: ...
 
 
 class ObjectError(StoreError):
@@ -119,12 +170,16 @@ def _touch(path: str) -> bool:
 
 @dataclass(frozen=True)
 class Store:
-    """Objects under `objects`; `tmp` (same filesystem) holds files being written."""
+    """Objects in a directory: `objects`; `tmp` (same filesystem) holds files being written."""
 
     objects: Path
     tmp: Path
     algo: str = "sha256"
     _shards: set = field(default_factory=set, compare=False, repr=False)
+    local = True
+
+    def describe(self) -> str:
+        return str(self.objects)
 
     @classmethod
     def at(cls, root: Path | str, algo: str = "sha256") -> "Store":
@@ -154,6 +209,14 @@ class Store:
     @cached_property
     def _objects(self) -> str:
         return str(self.objects)
+
+    def name_of(self, where: str) -> str | None:
+        path = os.path.normpath(os.path.abspath(where))
+        for base in (os.path.abspath(self.objects), os.path.realpath(self.objects)):
+            rel = os.path.relpath(path, base)
+            if not rel.startswith(".."):
+                return rel.replace("/", "")
+        return None
 
     @cached_property
     def _tmp_dev(self) -> int | None:
@@ -250,6 +313,12 @@ class Store:
     def ingest_stream(self, f: BinaryIO) -> tuple[str, int]:
         """Store what a stream (stdin) holds, hashed as it is written."""
         return self._copy_in(f.fileno(), None)
+
+    def ingest_log(self, fd: int, size: int) -> tuple[str, int]:
+        """Store a script's log from the descriptor it was given (its name in the slot is not trusted).
+        Not fsynced: the engine syncs once per commit batch."""
+        os.lseek(fd, 0, os.SEEK_SET)
+        return self._copy_in(fd, size, fsync=False)
 
     def _copy_in(self, fd: int, size: int | None, *, fsync: bool = True,
                  cancel: Callable[[], bool] | None = None) -> tuple[str, int]:
@@ -373,6 +442,15 @@ class Store:
             out.flush()
             raise ObjectError(f"object {h} is damaged: its bytes hash to {actual[:16]}...; run 'task-pipeline fsck'", h)
 
+    def read_tail(self, h: str, limit: int) -> tuple[bytes, int]:
+        """The last `limit` bytes of object `h` (where a log's error is), and its size."""
+        fd = self._open_fd(h)
+        try:
+            size = os.fstat(fd).st_size
+            return os.pread(fd, limit, max(size - limit, 0)), size
+        finally:
+            os.close(fd)
+
     def rehash(self, h: str) -> str | None:
         """The object's actual hash, or None if it is missing or not a regular file."""
         try:
@@ -384,14 +462,82 @@ class Store:
         finally:
             os.close(fd)
 
-    def iter_objects(self) -> Iterator[tuple[str, Path]]:
-        if not self.objects.is_dir():
+    # -- housekeeping ----------------------------------------------------
+
+    INCOMING = "incoming"  # objects being written, when objects live outside a store directory
+
+    def scan(self) -> Iterator[ObjectEntry]:
+        """Everything under objects/, whatever it is (a stray file or a symlink is reported, not followed)."""
+        root = str(self.objects)
+        if not os.path.isdir(root):
             return
-        for a in sorted(os.scandir(self.objects), key=lambda e: e.name):
+        for a in sorted(os.scandir(root), key=lambda e: e.name):
+            if a.name == self.INCOMING and a.is_dir(follow_symlinks=False):
+                continue
             if not a.is_dir(follow_symlinks=False):
+                yield _entry(a.name, a.path)
                 continue
             for b in sorted(os.scandir(a.path), key=lambda e: e.name):
                 if not b.is_dir(follow_symlinks=False):
+                    yield _entry(a.name + b.name, b.path)
                     continue
                 for f in os.scandir(b.path):
-                    yield a.name + b.name + f.name, Path(f.path)
+                    entry = _entry(a.name + b.name + f.name, f.path)
+                    if entry is not None:
+                        yield entry
+
+    def remove(self, h: str, changed_before: float) -> bool:
+        """Delete object `h` unless it changed since `changed_before` (looked at again right before:
+        a runner may have just stored an identical output, which touches it)."""
+        path = self.path_str(h)
+        try:
+            if os.lstat(path).st_ctime >= changed_before:
+                return False
+            os.unlink(path)
+        except FileNotFoundError:
+            return False
+        return True
+
+    def tidy(self, older_than: float, dry_run: bool = False, prune: bool = True) -> tuple[int, int]:
+        """Remove files in objects/incoming older than `older_than` (uploads that a runner on some
+        host began and never finished) and, with `prune`, empty shard directories (not while
+        runners may be about to write into them). Returns (files, bytes)."""
+        files = size = 0
+        incoming = self.objects / self.INCOMING
+        if incoming.is_dir():
+            for e in os.scandir(incoming):
+                try:
+                    st = e.stat(follow_symlinks=False)
+                except OSError:
+                    continue
+                if st.st_mtime < older_than:
+                    files, size = files + 1, size + st.st_size
+                    if not dry_run:
+                        try:
+                            os.unlink(e.path)
+                        except OSError:
+                            pass
+        if dry_run or not prune or not self.objects.is_dir():
+            return files, size
+        for a in os.scandir(self.objects):
+            if not a.is_dir(follow_symlinks=False) or a.name == self.INCOMING:
+                continue
+            for b in os.scandir(a.path):
+                if b.is_dir(follow_symlinks=False):
+                    try:
+                        os.rmdir(b.path)
+                    except OSError:
+                        pass
+            try:
+                os.rmdir(a.path)
+            except OSError:
+                pass
+        return files, size
+
+
+def _entry(name: str, path: str) -> ObjectEntry | None:
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return None
+    return ObjectEntry(name, path, st.st_size, st.st_ctime, stat.S_ISREG(st.st_mode))

@@ -29,12 +29,10 @@ from task_pipeline.textsafe import one_line
 def object_ref(ref: str, store: Store) -> str:
     """A hash (or prefix) from what a user may paste: a hash, or an object path as `export` prints it."""
     if "/" in ref:
-        path = os.path.normpath(os.path.abspath(ref))
-        for base in (os.path.abspath(store.objects), os.path.realpath(store.objects)):
-            rel = os.path.relpath(path, base)
-            if not rel.startswith(".."):
-                return rel.replace("/", "")
-        raise UsageError(f"{one_line(ref)}: not an object of this store (objects are under {store.objects})")
+        h = store.name_of(ref)
+        if h is None:
+            raise UsageError(f"{one_line(ref)}: not an object of this store (objects are under {store.describe()})")
+        return h
     return ref
 
 
@@ -130,6 +128,9 @@ def export_to(root: Path, rows: list[dict], store: Store, layout: str, *, link: 
         dest = root / rel
         dest.parent.mkdir(parents=True, exist_ok=True)
         if link:
+            if not store.local:
+                raise UsageError(f"--link: the objects are in {store.describe()}, not on this filesystem; export without "
+                                 f"--link")
             try:
                 os.link(store.path_str(h), dest)
             except OSError as e:

@@ -175,13 +175,11 @@ def _near(a: str, b: str) -> bool:
 
 
 def last_stderr_line(store: Store, h: str | None) -> str | None:
-    if not h or not store.has(h):
+    if not h:
         return None
     try:
-        with store.open(h) as f:
-            f.seek(0, os.SEEK_END)
-            f.seek(max(f.tell() - 2048, 0))
-            text = f.read().decode("utf-8", "replace")
+        data, _ = store.read_tail(h, 2048)
+        text = data.decode("utf-8", "replace")
     except Exception:  # noqa: BLE001 - a missing or damaged log must not hide the failure table
         return None
     return last_line(text) or None

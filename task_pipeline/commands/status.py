@@ -7,14 +7,13 @@ that a finishing worker finds its next task ready).
 
 from __future__ import annotations
 
-import os
 import sys
 from argparse import Namespace
 
 from task_pipeline import queries
 from task_pipeline.commands.common import iso, open_store, print_json
 from task_pipeline.commands.run import last_stderr_line
-from task_pipeline.errors import UsageError
+from task_pipeline.errors import StoreError, UsageError
 from task_pipeline.report import Output, failures_table, table
 from task_pipeline.textsafe import block, one_line
 
@@ -75,11 +74,12 @@ def cmd_logs(a: Namespace, out: Output) -> int:
                   + (f", {dur:.2f}s" if dur is not None else "") + (f": {at['error']}" if at["error"] else ""))
         for label in ("stdout", "stderr"):
             h = at[f"{label}_hash"]
-            if h and store.has(h):
-                with store.open(h) as f:
-                    size = os.fstat(f.fileno()).st_size
-                    f.seek(max(size - LOG_TAIL, 0))
-                    data = f.read()
+            if h:
+                try:
+                    data, size = store.read_tail(h, LOG_TAIL)
+                except StoreError as e:
+                    sys.stdout.write(f"   [{label}] cannot be read: {one_line(str(e))}\n")
+                    continue
                 if data:
                     if size > len(data):
                         data = data.split(b"\n", 1)[-1]
