@@ -79,12 +79,16 @@ OPTS: dict[str, Opt] = {
     "route": Opt(("route",), "route each file by its name instead of naming the step"),
     "format": Opt(("format",), "mermaid (default) or dot", "F", choices=("mermaid", "dot")),
     "force": Opt(("force",), "even while runners are active (what they stored since they started is kept)"),
+    "min_age": Opt(("min-age",), "keep unreferenced objects younger than this many seconds (default 0; 3600 "
+                                 "for a bucket)", "SECONDS", float),
+    "cache_size": Opt(("cache-size",), "objects in a bucket: keep up to SIZE of downloaded objects on this host "
+                                       "(e.g. 10G; default none)", "SIZE"),
 }
 
 GLOBAL = ("verbose", "quiet", "log_format")
 STORE = ("db", "objects", "scratch")
 RUN = ("manifest", "parallel", "start", "step", "runset", "fail_fast", "grace", "lease", "hash", "replace_manifest",
-       "dry_run", "migrate_tainted")
+       "dry_run", "migrate_tainted", "cache_size")
 ACTIONS = ("run", "migrate_tainted", "export", "export_hash")
 
 
@@ -132,7 +136,8 @@ COMMANDS: dict[str, Command] = {
                       "task-pipeline submit process data/*.csv\ncurl -s URL | task-pipeline submit process -",
                       max_args=None, min_args=1),
     "serve": Command("the daemon: process work as it appears until stopped", "[MANIFEST]",
-                     STORE + ("manifest", "parallel", "step", "runset", "grace", "lease", "hash", "replace_manifest"),
+                     STORE + ("manifest", "parallel", "step", "runset", "grace", "lease", "hash", "replace_manifest",
+                              "cache_size"),
                      "task-pipeline serve pipeline.toml -db /var/lib/task-pipeline -parallel 8",
                      max_args=1, manifest_arg=True),
     "why": Command("every chain of tasks that produced an object", "HASH|PATH", STORE + ("json", "history"),
@@ -141,7 +146,7 @@ COMMANDS: dict[str, Command] = {
     "graph": Command("the step graph as Mermaid (default) or DOT", "[MANIFEST]", STORE + ("manifest", "format", "json"),
                      "task-pipeline graph pipeline.toml --format dot | dot -Tsvg > graph.svg",
                      max_args=1, manifest_arg=True),
-    "gc": Command("remove unreferenced objects and leftover scratch", "", STORE + ("force", "dry_run", "json"),
+    "gc": Command("remove unreferenced objects and leftover scratch", "", STORE + ("force", "dry_run", "json", "min_age"),
                   "task-pipeline gc --dry-run"),
     "fsck": Command("re-hash every object and check every reference", "", STORE + ("json",), "task-pipeline fsck"),
     "validate": Command("check a manifest without running anything (and, given -db, what registering it would change)",
@@ -366,9 +371,9 @@ def _check(a: argparse.Namespace, spec: Command) -> None:
                              f"rename it or pass a name that is") from None
     if a.parallel is not None and not 1 <= a.parallel <= MAX_PARALLEL:
         raise UsageError(f"-parallel must be between 1 and {MAX_PARALLEL} (got {a.parallel})")
-    for flag, v in (("--grace", a.grace), ("--lease", a.lease)):
-        if v is not None and not (math.isfinite(v) and 0 <= v <= 86400):
-            raise UsageError(f"{flag} must be a number of seconds between 0 and 86400 (got {v:g})")
+    for flag, v in (("--grace", a.grace), ("--lease", a.lease), ("--min-age", a.min_age)):
+        if v is not None and not (math.isfinite(v) and 0 <= v <= 86400 * 365):
+            raise UsageError(f"{flag} must be a number of seconds between 0 and a year (got {v:g})")
     if a.lease is not None and a.lease < 3:
         raise UsageError(f"--lease must be at least 3 seconds (got {a.lease:g}); it is renewed every lease/6")
     if a.verbose and a.quiet:

@@ -36,7 +36,7 @@ from task_pipeline.errors import ManifestError, UsageError
 from task_pipeline.manifest import Manifest, load_manifest
 from task_pipeline.scheduler import Db, EngineOptions, Reporter, run_engine
 from task_pipeline.state import Summary
-from task_pipeline.store import Store
+from task_pipeline.store import ObjectStore
 
 MANIFEST_POLL = 1.0   # seconds between checks of the manifest file
 
@@ -60,7 +60,7 @@ def _file_id(path: Path) -> tuple | None:
 @dataclass
 class Daemon:
     db: Db
-    store: Store
+    store: ObjectStore
     opts: EngineOptions
     manifest: Manifest
     path: Path

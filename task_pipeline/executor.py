@@ -28,7 +28,7 @@ from pathlib import Path
 
 from task_pipeline import fsutil
 from task_pipeline.state import Claimed, Result
-from task_pipeline.store import Cancelled, ObjectError, OutputChanged, Store
+from task_pipeline.store import Cancelled, ObjectError, ObjectStore, OutputChanged, StoreUnavailable
 
 KILL_GRACE = 3.0  # seconds between SIGTERM and SIGKILL on timeout or shutdown
 DISK_FULL_BELOW = 256 * 1024  # bytes free on the scratch filesystem after an attempt that count as "full"
@@ -271,7 +271,7 @@ def _make_attempt_dirs(slot_fd: int, name: str) -> None:
 @dataclass(frozen=True)
 class Job:
     claimed: Claimed
-    store: Store
+    store: ObjectStore
     workdir: Path
     base_env: dict[str, str]
 
@@ -331,6 +331,8 @@ def _run(job: Job, procs: ProcessTable, dirs: AttemptDirs, res: Result) -> None:
         # Missing or damaged: running the script cannot help, and retrying cannot either.
         res.error, res.final = f"input {c.input_name!r}: {e}", True
         return
+    except StoreUnavailable as e:
+        raise StoreWriteError(str(e)) from None
     except OSError as e:
         raise StoreWriteError(f"cannot prepare the input in {dirs.path}: {e.strerror}") from None
 
@@ -429,7 +431,7 @@ def _disk_full(path: str, rc: int, stderr_tail: str) -> str | None:
     return None
 
 
-def collect_outputs(dirs: AttemptDirs, store: Store, cancel=None) -> tuple[list[tuple[str, str, int]], str | None]:
+def collect_outputs(dirs: AttemptDirs, store: ObjectStore, cancel=None) -> tuple[list[tuple[str, str, int]], str | None]:
     """Store every regular file directly in OUTPUT_DIR. Anything else fails the attempt, naming the file.
 
     OUTPUT_DIR must still be the directory that was made for the attempt (a script that
@@ -479,6 +481,8 @@ def collect_outputs(dirs: AttemptDirs, store: Store, cancel=None) -> tuple[list[
             except OutputChanged:
                 return [], (f"output '{name}' was replaced while it was being stored (by a process the script "
                             f"left running?); nothing of this attempt is kept")
+            except StoreUnavailable as err:
+                raise StoreWriteError(f"cannot store output '{name}': {err}") from None
             except OSError as err:
                 if err.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EIO):
                     raise StoreWriteError(f"cannot store output '{name}': {err.strerror}") from None
@@ -489,13 +493,15 @@ def collect_outputs(dirs: AttemptDirs, store: Store, cancel=None) -> tuple[list[
     return outputs, None
 
 
-def _store_log(store: Store, fd: int) -> tuple[str, int] | None:
+def _store_log(store: ObjectStore, fd: int) -> tuple[str, int] | None:
     """Store a log from the descriptor we gave the script (its name in the slot is not trusted)."""
     try:
         size = os.fstat(fd).st_size
         if size == 0:
             return store.empty  # most logs are empty: no need to hash and move a file for them
         return store.ingest_log(fd, size)
+    except StoreUnavailable as e:
+        raise StoreWriteError(f"cannot keep a log: {e}") from None
     except OSError:
         return None  # losing a log must not lose the result
 

@@ -5,7 +5,8 @@ A store has three parts:
 - the database (`-db`): a store directory (SQLite in DB_DIR/db), or a
   `postgresql://user@host/dbname` URL shared by runners on many hosts;
 - the objects (`--objects`): a directory (DB_DIR/objects by default; with
-  PostgreSQL, a directory every host reaches, such as an NFS mount);
+  PostgreSQL, a directory every host reaches, such as an NFS mount), or an S3
+  bucket, `s3://bucket/prefix` (see s3store.py for credentials and endpoints);
 - the scratch space (`--scratch`): where running scripts work, always local to
   the host (DB_DIR/tmp by default; with PostgreSQL, /var/tmp/task-pipeline-UID).
 
@@ -24,6 +25,16 @@ from pathlib import Path
 from task_pipeline.db import is_url
 from task_pipeline.errors import UsageError
 
+
+def parse_size(text: str, what: str) -> int:
+    """A size such as 500M, 10G or 2.5GiB, in bytes."""
+    import re
+
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(?:i?b)?\s*", text.lower())
+    if not m:
+        raise UsageError(f"{what} {text}: not a size; write e.g. 500M or 10G")
+    return int(float(m.group(1)) * 1024 ** " kmgt".index(m.group(2) or " "))
+
 ENV_DB = "TASK_PIPELINE_DB"
 ENV_OBJECTS = "TASK_PIPELINE_OBJECTS"
 ENV_SCRATCH = "TASK_PIPELINE_SCRATCH"
@@ -38,6 +49,7 @@ class Location:
     scratch: Path
     incoming: Path             # objects being written, on the objects' filesystem
     password_file: str | None = None
+    bucket: str | None = None  # s3://bucket/prefix when the objects are in S3 (then `objects` is unused)
 
     @property
     def shared(self) -> bool:
@@ -49,7 +61,7 @@ class Location:
             return self.db
         from task_pipeline.db.postgres import redact
 
-        return f"{redact(self.db)} (objects {self.objects})"
+        return f"{redact(self.db)} (objects {self.bucket or self.objects})"
 
 
 def resolve(db: str | None = None, objects: str | None = None, scratch: str | None = None,
@@ -68,20 +80,22 @@ def resolve(db: str | None = None, objects: str | None = None, scratch: str | No
                 raise UsageError(f"{flag} {value.encode('utf-8', 'surrogateescape')!r}: not UTF-8; use a path "
                                  f"that is") from None
     password_file = env.get(ENV_PASSWORD_FILE) or None
+    bucket = None
     if objects is not None and "://" in objects:
-        raise UsageError(f"--objects {objects}: object stores other than a directory (s3://...) are not "
-                         f"supported yet; give a directory")
+        if not objects.startswith("s3://"):
+            raise UsageError(f"--objects {objects}: give a directory or an S3 bucket (s3://bucket/prefix)")
+        bucket, objects = objects.rstrip("/"), None
     if is_url(db):
-        if objects is None:
+        if objects is None and bucket is None:
             raise UsageError(f"a PostgreSQL store needs its objects directory too: add --objects DIR (a directory "
                              f"every host reaches), or set {ENV_OBJECTS}")
-        obj = Path(objects).absolute()
         scr = Path(scratch).absolute() if scratch else Path("/var/tmp") / f"task-pipeline-{os.geteuid()}"
-        return Location(db, obj, scr, obj / "incoming", password_file)
+        obj = Path(objects).absolute() if objects else scr / "objects-unused"
+        return Location(db, obj, scr, obj / "incoming", password_file, bucket)
     if db.startswith(("sqlite:", "mysql:", "s3:", "http:", "https:")) or "://" in db:
         raise UsageError(f"-db {db}: not a store directory or a postgresql:// URL")
     root = Path(db)
     obj = Path(objects) if objects else root / "objects"
     scr = Path(scratch) if scratch else root / "tmp"
     incoming = root / "tmp" if not objects else obj / "incoming"
-    return Location(db, obj, scr, incoming, password_file)
+    return Location(db, obj, scr, incoming, password_file, bucket)

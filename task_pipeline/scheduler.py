@@ -46,7 +46,7 @@ from task_pipeline.db import Database, DatabaseUnavailable
 from task_pipeline.errors import StoreError
 from task_pipeline.executor import KILL_GRACE, Job, ProcessTable, Slots, execute
 from task_pipeline.state import Claimed, CommitReport, Result, Summary
-from task_pipeline.store import Store
+from task_pipeline.store import ObjectStore
 
 MAX_WAITING = 4096     # finished results awaiting their commit before claiming pauses (bounds memory)
 LOOKAHEAD = 16         # tasks leased beyond the running ones, so that a finishing worker finds the next
@@ -240,7 +240,7 @@ class _Flags:
     paused_until: float = 0.0   # serve: no new claims until then (the store was full)
 
 
-async def run_engine(db: Db, store: Store, opts: EngineOptions, reporter: Reporter,
+async def run_engine(db: Db, store: ObjectStore, opts: EngineOptions, reporter: Reporter,
                      stop: anyio.Event | None = None, watch: bool = False) -> Summary:
     """Process tasks until the pipeline is drained (`until_idle`) or `stop` is set.
 
@@ -556,14 +556,14 @@ def _first_line(e: BaseException) -> str:
     return text.splitlines()[0] if text else type(e).__name__
 
 
-async def reclaim(db: Db, store: Store, scratch: Path, exclude: str | None = None, shared: bool = True) -> int:
+async def reclaim(db: Db, store: ObjectStore, scratch: Path, exclude: str | None = None, shared: bool = True) -> int:
     """Re-queue the tasks of dead runners, after killing the scripts they left running and removing
     their scratch (so that a re-queued task never runs in two places at once)."""
     await db(housekeeping.reap_dead_scratch, scratch, shared=shared)
     return await db(state.recover, exclude=exclude)
 
 
-def _sync(store: Store) -> None:
+def _sync(store: ObjectStore) -> None:
     try:
         store.sync()
     except OSError as e:

@@ -102,6 +102,11 @@ class ObjectError(StoreError):
         self.hash = h
 
 
+class StoreUnavailable(StoreError):
+    """The object store cannot be reached or refused a write for now (a bucket's network, its server):
+    not the script's fault; the attempt goes back to the queue."""
+
+
 class OutputChanged(Exception):
     """An output file was replaced while it was being stored (by a process the attempt left behind)."""
 

@@ -15,7 +15,7 @@ from task_pipeline.db import Database, open_database
 from task_pipeline.errors import ManifestError, StoreError, UsageError
 from task_pipeline.location import Location, resolve
 from task_pipeline.manifest import Manifest, load_manifest
-from task_pipeline.store import ALGORITHMS, Store
+from task_pipeline.store import ALGORITHMS, ObjectStore, Store
 from task_pipeline.textsafe import one_line
 
 _opened: list[Database] = []  # for explain_failure: the database this process is using
@@ -24,7 +24,7 @@ _opened: list[Database] = []  # for explain_failure: the database this process i
 @dataclass
 class Opened:
     db: Database
-    store: Store
+    store: ObjectStore
     loc: Location
     created: bool = False
 
@@ -35,8 +35,8 @@ def open_store(a: Namespace, *, create: bool = False) -> Opened:
     wanted = getattr(a, "hash", None)
     if wanted and wanted not in ALGORITHMS:
         raise UsageError(f"--hash {wanted}: use one of {', '.join(ALGORITHMS)}")
-    db = open_database(loc.db, create=create, hash_algo=wanted or "sha256", objects_hint=str(loc.objects),
-                       password_file=loc.password_file)
+    db = open_database(loc.db, create=create, hash_algo=wanted or "sha256",
+                       objects_hint=None if loc.bucket else str(loc.objects), password_file=loc.password_file)
     _opened.append(db)
     created = bool(getattr(db, "created", False))
     algo = state.meta(db, "hash_algo") or "sha256"
@@ -44,16 +44,30 @@ def open_store(a: Namespace, *, create: bool = False) -> Opened:
         raise UsageError(f"--hash {wanted}: this store hashes with {algo}, fixed when it was created; "
                          f"leave out --hash, or create a new store (another -db) for {wanted}")
     _check_objects_location(db, loc, created)
-    store = Store(loc.objects, loc.incoming, algo)
     if create:
-        store.create_dirs()
         try:
             fsutil.make_dirs(str(loc.scratch), 0o700)
         except OSError as e:
             raise StoreError(f"{loc.scratch}: cannot create the scratch directory: {e.strerror}") from None
+    store = object_store(loc, algo, getattr(a, "cache_size", None))
+    if create:
+        store.create_dirs()
     store.check()
     fsutil.check_private(str(loc.scratch), "scratch directory")
     return Opened(db, store, loc, created)
+
+
+def object_store(loc: Location, algo: str, cache_size: str | None = None) -> ObjectStore:
+    """The store's objects: a directory here, or a bucket (with this host's download cache)."""
+    if loc.bucket:
+        from task_pipeline.location import parse_size
+        from task_pipeline.s3store import S3Store
+
+        size = parse_size(cache_size, "--cache-size") if cache_size else 0
+        return S3Store(loc.bucket, algo, loc.scratch / "cache", size)
+    if cache_size:
+        raise UsageError("--cache-size is for objects in a bucket (--objects s3://...); a directory needs no cache")
+    return Store(loc.objects, loc.incoming, algo)
 
 
 def _check_objects_location(db: Database, loc: Location, created: bool) -> None:
@@ -63,14 +77,14 @@ def _check_objects_location(db: Database, loc: Location, created: bool) -> None:
     can be moved or copied."""
     if loc.shared:
         return  # hosts may mount a shared objects directory at different paths
-    here = os.path.abspath(loc.objects)
+    here = loc.bucket or os.path.abspath(loc.objects)
     default = os.path.abspath(os.path.join(loc.db, "objects"))
     if created:
         with db.transaction():
             state.set_meta(db, "objects", "" if here == default else here)
         return
     recorded = state.meta(db, "objects") or default
-    if recorded != here and not (os.path.exists(recorded) and os.path.exists(here)
+    if recorded != here and not (not loc.bucket and os.path.exists(recorded) and os.path.exists(here)
                                  and os.path.samefile(recorded, here)):
         raise UsageError(f"{loc.db}: this store keeps its objects in {recorded}, not {here}; pass --objects "
                          f"{recorded}, or leave --objects out if that is the store's own objects directory")

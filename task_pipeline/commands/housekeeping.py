@@ -62,6 +62,11 @@ def cmd_gc(a: Namespace, out: Output) -> int:
     db = opened.db
     started = time.time()
     cutoff, active = hk.gc_cutoff(db, started)
+    # a bucket cannot be told an old object is in use again (see s3store): keep young ones regardless
+    from task_pipeline.s3store import GC_GRACE
+
+    min_age = a.min_age if a.min_age is not None else (0.0 if opened.store.local else GC_GRACE)
+    cutoff = min(cutoff, started - min_age)
     if active and not a.force and not a.dry_run:
         clock = db.clock()
         who = ", ".join(f"{r.kind} {display(r.host)}:{r.pid} (heartbeat {max(clock - r.heartbeat, 0):.0f}s ago)"
