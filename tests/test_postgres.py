@@ -320,3 +320,46 @@ def test_every_command_works_on_a_postgresql_store(cli, tmp_path):
     assert json.loads(cli.ok("fsck", *db, "--json").out)["ok"]
     assert json.loads(cli.ok("gc", *db, "--json").out)["errors"] == []
     assert json.loads(cli.ok("fsck", *db, "--json").out)["ok"]
+
+
+# -- a frozen runner -------------------------------------------------------------------------------------------
+
+FROZEN_WRITER = r"""
+import sys
+from task_pipeline.db import postgres
+postgres.IDLE_IN_TRANSACTION_MS = 1000  # the product's 10 s, shortened so that the test takes seconds
+db = postgres.PostgresDatabase(sys.argv[1], sys.argv[2])
+db.execute("CREATE TABLE IF NOT EXISTS filler(a BIGINT, b TEXT)")
+rows = [(i, "x" * 40) for i in range(3000)]
+print("writing", flush=True)
+while True:
+    with db.transaction():
+        db.executemany("INSERT INTO filler(a, b) VALUES (?, ?)", rows)
+        db.execute("DELETE FROM filler")
+"""
+
+
+def test_a_runner_frozen_in_the_middle_of_a_batch_loses_the_writers_lock_within_the_idle_timeout(pg_server, pg_url):
+    """SIGSTOP (a paused VM, a stopped container) can catch a runner while it sends a batch of rows
+    under the writers' lock. The server must end that session as it ends any idle one: a runner frozen
+    between the statements of a pipeline would hold the lock, and stop every host, until it thaws."""
+    from task_pipeline.db.postgres import LOCK_ALL, LOCK_CLASS, PostgresDatabase
+
+    me = PostgresDatabase(pg_url, pg_server.password)
+    me.execute("SET lock_timeout = '6s'")
+    for trial in range(3):
+        child = subprocess.Popen([sys.executable, "-c", FROZEN_WRITER, pg_url, pg_server.password],
+                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        try:
+            assert child.stdout.readline() == b"writing\n", child.stderr.read().decode()
+            time.sleep(0.3 + 0.2 * trial)  # somewhere inside a batch, most of the time
+            child.send_signal(signal.SIGSTOP)
+            t0 = time.monotonic()
+            # raises LockNotAvailable after 6 s if the frozen session still holds the lock
+            me.execute("BEGIN")
+            me.execute("SELECT pg_advisory_xact_lock(?, ?)", (LOCK_CLASS, LOCK_ALL))
+            me.execute("COMMIT")
+            assert time.monotonic() - t0 < 5
+        finally:
+            child.kill()
+            child.wait()
