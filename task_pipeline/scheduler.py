@@ -269,8 +269,9 @@ async def run_engine(db: Db, store: ObjectStore, opts: EngineOptions, reporter: 
     flags = _Flags()
     wake = [anyio.Event()]      # the main loop: lease more, or decide we are done
     results = [anyio.Event()]   # the committer: results are waiting
-    heart = await anyio.to_thread.run_sync(db.db.sibling) if opts.lease else None
-    watcher = await anyio.to_thread.run_sync(db.db.watcher) if watch else None
+    # through `db`, so that serve outlives a database going away while it opens these as well
+    heart = await db(lambda d: d.sibling()) if opts.lease else None
+    watcher = await db(lambda d: d.watcher()) if watch else None
 
     def poke() -> None:
         wake[0].set()
