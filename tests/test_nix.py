@@ -556,6 +556,8 @@ in {
   s3 = ok s3;
   pg = ok pg;
   bare = ok (sqlite // { objects = "s3://tp-objects"; });
+  # the README's worker with a bucket: a system user, a Garage endpoint
+  readme = ok (pg // { user = "task-pipeline"; s3.region = "garage"; cacheSize = "20G"; });
   credsInStore = asserts (s3 // { s3.credentialsFile = "${builtins.storeDir}/abc-aws"; });
   credsRelative = asserts (s3 // { s3.credentialsFile = "aws-credentials"; });
   credsNixPath = fails (s3 // { s3.credentialsFile = ./.; });
@@ -615,6 +617,12 @@ def test_nixos_module_objects_in_a_bucket(nix: str) -> None:
     assert svc["environment"]["TASK_PIPELINE_DB_PASSWORD_FILE"] == "%d/db-password"
     assert svc["environment"]["AWS_SHARED_CREDENTIALS_FILE"] == "%d/aws-credentials"
     assert "ReadWritePaths" not in sc
+
+    readme = r["readme"]
+    assert readme["failedAssertions"] == []
+    sc = readme["config"]["systemd"]["services"]["task-pipeline"]["serviceConfig"]
+    assert sc["User"] == "task-pipeline" and sc["DynamicUser"] is False and "ReadWritePaths" not in sc
+    assert shlex.split(sc["ExecStart"])[8:10] == ["--cache-size", "20G"]
 
     # a bucket alone: the keys from the environment (environmentFile), AWS's endpoint
     bare = r["bare"]
