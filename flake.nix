@@ -32,18 +32,23 @@
       devShells = forAllSystems (pkgs: {
         default = pkgs.mkShell {
           packages = [
-            (pkgs.python3.withPackages (ps: [
-              # [project].dependencies (tests/test_nix.py checks they match pyproject.toml)
-              ps.anyio
-              ps.blake3
-              ps.rich
-              ps.tomli-w
-              ps.psycopg # the postgres extra
-              # build and test
-              ps.hatchling
-              ps.pytest
-              ps.hypothesis
-            ]))
+            (pkgs.python3.withPackages (
+              ps:
+              [
+                # [project].dependencies (tests/test_nix.py checks they match pyproject.toml)
+                ps.anyio
+                ps.blake3
+                ps.rich
+                ps.tomli-w
+                ps.psycopg # the postgres extra
+                # build and test
+                ps.hatchling
+                ps.pytest
+                ps.hypothesis
+              ]
+              # the s3 extra (obstore), where nixpkgs has it
+              ++ lib.optional (ps ? obstore) ps.obstore
+            ))
             pkgs.ruff
           ];
           shellHook = ''

@@ -56,6 +56,13 @@ let
   # a file systemd reads for us: an absolute path outside the (world-readable) store
   goodSecretPath = p: p == null || (isLocalPath p && !(inStore p));
   objectsLocal = cfg.objects != null && isLocalPath cfg.objects;
+  # s3://bucket or s3://bucket/prefix: nothing local to mount or make writable
+  objectsInBucket = cfg.objects != null && builtins.match "s3://[^/]+(/.*)?" cfg.objects != null;
+  s3Settings = cfg.s3.credentialsFile != null || cfg.s3.endpoint != null || cfg.s3.region != null;
+  # files systemd reads as root and hands to the daemon in its credentials directory (%d)
+  credentials =
+    lib.optional (cfg.database.passwordFile != null) "db-password:${cfg.database.passwordFile}"
+    ++ lib.optional (cfg.s3.credentialsFile != null) "aws-credentials:${cfg.s3.credentialsFile}";
   # the daemon's default for a directory store is <stateDir>/tmp; PostgreSQL needs it said
   scratch =
     if cfg.scratchDir != null then
@@ -104,6 +111,10 @@ let
   ++ lib.optionals (cfg.objects != null) [
     "--objects"
     cfg.objects
+  ]
+  ++ lib.optionals (cfg.cacheSize != null) [
+    "--cache-size"
+    cfg.cacheSize
   ]
   ++ lib.optionals (scratch != null) [
     "--scratch"
@@ -162,14 +173,15 @@ let
 
   # Restarts back off from 5 s to 5 min; the start limit stops a unit that keeps
   # failing (10 starts within an hour). Exit 2 (usage, manifest) is never retried,
-  # nor exit 3 (store error) with the SQLite store. With PostgreSQL, exit 3 may be a
-  # lost connection or an NFS hiccup that passes, so it is retried within the limit.
+  # nor exit 3 (store error) with the SQLite store and local objects. With PostgreSQL
+  # or objects in a bucket, exit 3 may be a lost connection, an NFS hiccup or a bucket
+  # not reachable yet, that passes, so it is retried within the limit.
   restartPolicy = lib.mapAttrs (_: lib.mkDefault) {
     Restart = "on-failure";
     RestartSec = 5;
     RestartSteps = 5;
     RestartMaxDelaySec = 300;
-    RestartPreventExitStatus = [ 2 ] ++ lib.optional (!usePostgres) 3;
+    RestartPreventExitStatus = [ 2 ] ++ lib.optional (!usePostgres && !objectsInBucket) 3;
   };
   startLimit = lib.mapAttrs (_: lib.mkDefault) {
     StartLimitIntervalSec = 3600;
@@ -262,14 +274,63 @@ in
     objects = mkOption {
       type = types.nullOr types.str;
       default = null;
-      example = "/mnt/task-pipeline-objects";
+      example = "s3://task-pipeline/objects";
       description = ''
         Where objects live (`--objects`): a directory every host can reach (an NFS
-        mount, for instance). Required with `database.url`; null means
-        `stateDir/objects` for the SQLite store. A local path outside `stateDir`
-        must exist and be writable by `user` (with the same uid on every host when it
-        is shared); it is added to ReadWritePaths, and the unit waits for its mount
-        (RequiresMountsFor).
+        mount, for instance), or an S3 bucket, `s3://bucket` or `s3://bucket/prefix`
+        (see `s3.*` for credentials, endpoint and region). Required with
+        `database.url`; null means `stateDir/objects` for the SQLite store. A local
+        path outside `stateDir` must exist and be writable by `user` (with the same
+        uid on every host when it is shared); it is added to ReadWritePaths, and the
+        unit waits for its mount (RequiresMountsFor). A bucket needs neither.
+      '';
+    };
+
+    s3 = {
+      credentialsFile = mkOption {
+        type = types.nullOr types.str;
+        default = null;
+        example = "/run/secrets/task-pipeline-s3";
+        description = ''
+          An AWS shared credentials file for the bucket in `objects` (an INI file with
+          `aws_access_key_id` and `aws_secret_access_key`, and `aws_session_token` if
+          any, under `[default]` or the profile in `environment.AWS_PROFILE`), as an
+          absolute path outside the Nix store (a string, so that it is not copied
+          there). systemd reads it as root and hands it to the daemon as the
+          credential `aws-credentials` (`LoadCredential`), whose path is in
+          `AWS_SHARED_CREDENTIALS_FILE`. null: the keys come from the environment
+          (`AWS_ACCESS_KEY_ID`, `AWS_SECRET_ACCESS_KEY` in `environmentFile`, which
+          win over the file).
+        '';
+      };
+
+      endpoint = mkOption {
+        type = types.nullOr types.str;
+        default = null;
+        example = "https://s3.example.org";
+        description = ''
+          The S3 endpoint of a server that is not AWS (Garage, MinIO, SeaweedFS, Ceph),
+          set as `AWS_ENDPOINT_URL`; null means AWS. An `http://` endpoint is
+          allowed (unencrypted).
+        '';
+      };
+
+      region = mkOption {
+        type = types.nullOr types.str;
+        default = null;
+        example = "eu-central-1";
+        description = "The bucket's region, set as `AWS_REGION`; null leaves it to the environment.";
+      };
+    };
+
+    cacheSize = mkOption {
+      type = types.nullOr (types.strMatching "[0-9]+(\\.[0-9]+)?[kKmMgGtT]?([iI]?[bB])?");
+      default = null;
+      example = "10G";
+      description = ''
+        With objects in a bucket: keep downloaded objects in a cache of at most this
+        many bytes in the scratch space (`--cache-size`, e.g. `500M` or `10G`), so
+        that an input used again is not downloaded again. null: no cache.
       '';
     };
 
@@ -389,7 +450,7 @@ in
       }
       {
         assertion = !usePostgres || cfg.objects != null;
-        message = "services.task-pipeline: database.url needs `objects` to be set: a directory every host can reach, where the objects live.";
+        message = "services.task-pipeline: database.url needs `objects` to be set: a directory every host can reach, or an S3 bucket (s3://bucket/prefix), where the objects live.";
       }
       {
         assertion = cfg.database.passwordFile == null || usePostgres;
@@ -400,8 +461,20 @@ in
         message = "services.task-pipeline: database.passwordFile and environmentFile must be absolute paths outside the Nix store (given as strings, not Nix paths).";
       }
       {
-        assertion = cfg.objects == null || objectsLocal || builtins.match "[a-z][a-z0-9+.-]*://.+" cfg.objects != null;
-        message = "services.task-pipeline: `objects` must be an absolute path or a URL (got ${toString cfg.objects}).";
+        assertion = goodSecretPath cfg.s3.credentialsFile;
+        message = "services.task-pipeline: s3.credentialsFile must be an absolute path outside the Nix store (given as a string, not a Nix path), got ${toString cfg.s3.credentialsFile}.";
+      }
+      {
+        assertion = cfg.objects == null || objectsLocal || objectsInBucket;
+        message = "services.task-pipeline: `objects` must be an absolute path or an S3 bucket, s3://bucket/prefix (got ${toString cfg.objects}).";
+      }
+      {
+        assertion = !s3Settings || objectsInBucket;
+        message = "services.task-pipeline: s3.credentialsFile, s3.endpoint and s3.region are for objects in a bucket: set `objects` to s3://bucket/prefix.";
+      }
+      {
+        assertion = cfg.cacheSize == null || objectsInBucket;
+        message = "services.task-pipeline: cacheSize is for objects in a bucket (objects = \"s3://bucket/prefix\"); objects in a directory need no cache.";
       }
       {
         assertion = !(objectsLocal && !(insideStateDir cfg.objects) && dynamicUser);
@@ -446,7 +519,7 @@ in
     systemd.services.task-pipeline = {
       description = "task-pipeline daemon";
       wantedBy = [ "multi-user.target" ];
-      # network-online: a shared database or objects on NFS must be reachable
+      # network-online: a shared database, objects on NFS or in a bucket must be reachable
       wants = [ "network-online.target" ] ++ lib.optional localDatabase "postgresql.service";
       after = [
         "network.target"
@@ -467,6 +540,15 @@ in
         // lib.optionalAttrs (cfg.database.passwordFile != null) {
           # %d: the unit's credentials directory (systemd expands it)
           TASK_PIPELINE_DB_PASSWORD_FILE = "%d/db-password";
+        }
+        // lib.optionalAttrs (cfg.s3.credentialsFile != null) {
+          AWS_SHARED_CREDENTIALS_FILE = "%d/aws-credentials";
+        }
+        // lib.optionalAttrs (cfg.s3.endpoint != null) {
+          AWS_ENDPOINT_URL = cfg.s3.endpoint;
+        }
+        // lib.optionalAttrs (cfg.s3.region != null) {
+          AWS_REGION = cfg.s3.region;
         };
       reloadTriggers = lib.optionals (cfg.settings != null) [ generatedManifest ];
 
@@ -499,8 +581,8 @@ in
         // lib.optionalAttrs (cfg.environmentFile != null) {
           EnvironmentFile = cfg.environmentFile;
         }
-        // lib.optionalAttrs (cfg.database.passwordFile != null) {
-          LoadCredential = [ "db-password:${cfg.database.passwordFile}" ];
+        // lib.optionalAttrs (credentials != [ ]) {
+          LoadCredential = credentials;
         }
         // lib.optionalAttrs (!dynamicUser) {
           User = cfg.user;

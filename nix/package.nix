@@ -9,11 +9,16 @@
   rich,
   tomli-w,
   psycopg,
+  # the s3 extra; null where nixpkgs has no python3Packages.obstore (then withS3 is off)
+  obstore ? null,
   pytestCheckHook,
   hypothesis,
   # PostgreSQL stores (`-db postgresql://...`, [project.optional-dependencies] postgres): on by
   # default, since the NixOS module may point several machines at one database
   withPostgres ? true,
+  # objects in an S3 bucket (`--objects s3://...`, [project.optional-dependencies] s3): on
+  # whenever nixpkgs has obstore
+  withS3 ? (obstore != null),
 }:
 
 let
@@ -21,6 +26,9 @@ let
   # [project.optional-dependencies] (the binary wheel's job is done by nixpkgs' psycopg with libpq)
   optional-dependencies = {
     postgres = [ psycopg ];
+  }
+  // lib.optionalAttrs (obstore != null) {
+    s3 = [ obstore ];
   };
 in
 buildPythonApplication {
@@ -48,7 +56,10 @@ buildPythonApplication {
     rich
     tomli-w
   ]
-  ++ lib.optionals withPostgres optional-dependencies.postgres;
+  ++ lib.optionals withPostgres optional-dependencies.postgres
+  ++ lib.optionals withS3 (
+    optional-dependencies.s3 or (throw "task-pipeline: withS3 needs python3Packages.obstore, which this nixpkgs lacks")
+  );
   inherit optional-dependencies;
 
   nativeCheckInputs = [

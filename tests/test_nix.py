@@ -137,8 +137,11 @@ def test_nix_dependencies_match_pyproject(nix: str) -> None:
     require_tracked_readme()
     pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text())
     project = pyproject["project"]
-    # the Nix package includes the PostgreSQL extra (withPostgres defaults to true)
-    wanted = sorted(requirement_name(d) for d in project["dependencies"] + project["optional-dependencies"]["postgres"])
+    extras = project["optional-dependencies"]
+    # the Nix package includes the PostgreSQL extra (withPostgres defaults to true) and the
+    # S3 extra (withS3 defaults to true where nixpkgs has obstore, as the stub does)
+    base = [requirement_name(d) for d in project["dependencies"] + extras["postgres"]]
+    wanted = sorted(base + [requirement_name(d) for d in extras["s3"]])
 
     pkg = nix_eval_flake(
         f"packages.{SYSTEM}.default",
@@ -167,6 +170,30 @@ def test_nix_dependencies_match_pyproject(nix: str) -> None:
     missing = set(wanted) - {pep503(n) for n in shell}
     assert not missing, f"devShell lacks {missing}"
     assert {"pytest", "hypothesis", "ruff"} <= set(shell)
+
+    # a nixpkgs without python3Packages.obstore: the package still evaluates, without the
+    # S3 extra, unless withS3 is asked for, which says why it cannot be had
+    without = nix_eval_expr(f"""
+      let
+        stub = import {STUB}/pkgs.nix {{ lib = import {STUB}/lib.nix; system = "{SYSTEM}"; }};
+        f = import {ROOT}/nix/package.nix;
+        # callPackage over a scope that lacks obstore
+        scope = builtins.removeAttrs stub.python3Packages [ "obstore" ];
+        call = extra: f (builtins.intersectAttrs (builtins.functionArgs f) scope // extra);
+        forced = builtins.tryEval (builtins.deepSeq (call {{ withS3 = true; }}).stubDependencyNames true);
+      in {{
+        deps = (call {{ }}).stubDependencyNames;
+        extras = builtins.attrNames (call {{ }}).stubArgs.optional-dependencies;
+        forced = forced.success;
+        noPostgres = (call {{ withPostgres = false; }}).stubDependencyNames;
+        # with obstore at hand, withS3 = false leaves it out
+        noS3 = (stub.python3Packages.callPackage {ROOT}/nix/package.nix {{ withS3 = false; }}).stubDependencyNames;
+      }}""")
+    assert sorted(pep503(n) for n in without["deps"]) == sorted(base)
+    assert without["extras"] == ["postgres"]
+    assert without["forced"] is False
+    assert sorted(pep503(n) for n in without["noPostgres"]) == sorted(requirement_name(d) for d in project["dependencies"])
+    assert sorted(pep503(n) for n in without["noS3"]) == sorted(base)
 
 
 # 4 -------------------------------------------------------------------------------
@@ -498,7 +525,7 @@ def test_nixos_module_restarts_and_secrets(nix: str) -> None:
     assert any("outside the Nix store" in m for m in r["envFileInStore"])
     assert any("outside the Nix store" in m for m in r["envFileRelative"])
     assert r["envFileNixPath"] is True
-    assert any("absolute path or a URL" in m for m in r["relativeObjects"])
+    assert any("absolute path or an S3 bucket" in m for m in r["relativeObjects"])
     assert r["s3Objects"]["failedAssertions"] == []
     sc = r["s3Objects"]["config"]["systemd"]["services"]["task-pipeline"]["serviceConfig"]
     assert "ReadWritePaths" not in sc and "s3://bucket/prefix" in shlex.split(sc["ExecStart"])
@@ -506,7 +533,119 @@ def test_nixos_module_restarts_and_secrets(nix: str) -> None:
     assert any("needs `user`" in m for m in r["dynamicScratch"])
 
 
-# 4d: the NixOS VM tests cannot run here (KVM, the real nixpkgs), but their scripts
+# 4d: objects in an S3 bucket -------------------------------------------------------
+
+S3_EXPR = MODULE_PRELUDE + """
+  bucket = "s3://tp-objects/worker";
+  s3 = {
+    enable = true;
+    manifest = "/srv/m.toml";
+    objects = bucket;
+    s3.credentialsFile = "/run/secrets/tp-s3";
+    s3.endpoint = "https://s3.example.org";
+    s3.region = "eu-central-1";
+    cacheSize = "10G";
+    environment.LANG = "C";
+  };
+  sqlite = { enable = true; manifest = "/srv/m.toml"; };
+  pg = s3 // {
+    database.url = "postgresql://tp@db.example.org/tp";
+    database.passwordFile = "/run/secrets/tp-db-password";
+  };
+in {
+  s3 = ok s3;
+  pg = ok pg;
+  bare = ok (sqlite // { objects = "s3://tp-objects"; });
+  # the README's worker with a bucket: a system user, a Garage endpoint
+  readme = ok (pg // { user = "task-pipeline"; s3.region = "garage"; cacheSize = "20G"; });
+  credsInStore = asserts (s3 // { s3.credentialsFile = "${builtins.storeDir}/abc-aws"; });
+  credsRelative = asserts (s3 // { s3.credentialsFile = "aws-credentials"; });
+  credsNixPath = fails (s3 // { s3.credentialsFile = ./.; });
+  cacheWithoutS3 = asserts (sqlite // { cacheSize = "10G"; });
+  cacheWithDirectory = asserts (sqlite // { objects = "/srv/objects"; user = "tp"; cacheSize = "10G"; });
+  cacheNotASize = fails (s3 // { cacheSize = "ten gigabytes"; });
+  cacheSizes = map (c: (ok (s3 // { cacheSize = c; })).failedAssertions) [ "500M" "1.5GiB" "2T" "1048576" "10gb" ];
+  endpointWithoutS3 = asserts (sqlite // { s3.endpoint = "https://s3.example.org"; });
+  credsWithoutS3 = asserts (sqlite // { objects = "/srv/objects"; user = "tp"; s3.credentialsFile = "/run/secrets/aws"; });
+  otherScheme = asserts (sqlite // { objects = "gs://tp-objects/worker"; });
+  noBucket = asserts (sqlite // { objects = "s3://"; });
+  misspelt = fails (s3 // { s3.endpiont = "https://s3.example.org"; });
+}
+"""
+
+
+def test_nixos_module_objects_in_a_bucket(nix: str) -> None:
+    r = nix_eval_expr(S3_EXPR.replace("STUB", str(STUB)).replace("ROOT", str(ROOT)))
+
+    s3 = r["s3"]
+    assert s3["failedAssertions"] == []
+    svc = s3["config"]["systemd"]["services"]["task-pipeline"]
+    sc = svc["serviceConfig"]
+    argv = shlex.split(sc["ExecStart"])
+    assert argv[1:] == [
+        "serve", "-manifest", "/srv/m.toml", "-db", "/var/lib/task-pipeline",
+        "--objects", "s3://tp-objects/worker", "--cache-size", "10G",
+    ]
+    # the credentials file: read by systemd, handed over in the credentials directory
+    assert sc["LoadCredential"] == ["aws-credentials:/run/secrets/tp-s3"]
+    assert svc["environment"] == {
+        "LANG": "C",
+        "AWS_SHARED_CREDENTIALS_FILE": "%d/aws-credentials",
+        "AWS_ENDPOINT_URL": "https://s3.example.org",
+        "AWS_REGION": "eu-central-1",
+    }
+    assert not any("/run/secrets/tp-s3" in v for v in svc["environment"].values())
+    assert "/run/secrets/tp-s3" not in sc["ExecStart"]
+    # nothing local to make writable or to wait for; a DynamicUser is fine
+    assert "ReadWritePaths" not in sc and "RequiresMountsFor" not in svc["unitConfig"]
+    assert sc["DynamicUser"] is True and sc["StateDirectory"] == "task-pipeline"
+    # a bucket not reachable yet (exit 3) may come back: retried within the start limit
+    assert sc["RestartPreventExitStatus"] == [2]
+    assert "network-online.target" in svc["wants"] and "network-online.target" in svc["after"]
+
+    pg = r["pg"]
+    assert pg["failedAssertions"] == []
+    svc = pg["config"]["systemd"]["services"]["task-pipeline"]
+    sc = svc["serviceConfig"]
+    argv = shlex.split(sc["ExecStart"])
+    assert argv[1:] == [
+        "serve", "-manifest", "/srv/m.toml", "-db", "postgresql://tp@db.example.org/tp",
+        "--objects", "s3://tp-objects/worker", "--cache-size", "10G", "--scratch", "/var/lib/task-pipeline/tmp",
+    ]
+    assert sorted(sc["LoadCredential"]) == ["aws-credentials:/run/secrets/tp-s3",
+                                            "db-password:/run/secrets/tp-db-password"]
+    assert svc["environment"]["TASK_PIPELINE_DB_PASSWORD_FILE"] == "%d/db-password"
+    assert svc["environment"]["AWS_SHARED_CREDENTIALS_FILE"] == "%d/aws-credentials"
+    assert "ReadWritePaths" not in sc
+
+    readme = r["readme"]
+    assert readme["failedAssertions"] == []
+    sc = readme["config"]["systemd"]["services"]["task-pipeline"]["serviceConfig"]
+    assert sc["User"] == "task-pipeline" and sc["DynamicUser"] is False and "ReadWritePaths" not in sc
+    assert shlex.split(sc["ExecStart"])[8:10] == ["--cache-size", "20G"]
+
+    # a bucket alone: the keys from the environment (environmentFile), AWS's endpoint
+    bare = r["bare"]
+    assert bare["failedAssertions"] == []
+    svc = bare["config"]["systemd"]["services"]["task-pipeline"]
+    assert shlex.split(svc["serviceConfig"]["ExecStart"])[-2:] == ["--objects", "s3://tp-objects"]
+    assert svc["environment"] == {} and "LoadCredential" not in svc["serviceConfig"]
+
+    for case in ("credsInStore", "credsRelative"):
+        assert any("s3.credentialsFile must be an absolute path outside the Nix store" in m for m in r[case]), case
+    assert r["credsNixPath"] is True  # a Nix path would be copied to the store
+    for case in ("cacheWithoutS3", "cacheWithDirectory"):
+        assert any("cacheSize is for objects in a bucket" in m for m in r[case]), case
+    assert r["cacheNotASize"] is True
+    assert r["cacheSizes"] == [[]] * 5
+    for case in ("endpointWithoutS3", "credsWithoutS3"):
+        assert any("are for objects in a bucket" in m for m in r[case]), case
+    for case in ("otherScheme", "noBucket"):
+        assert any("absolute path or an S3 bucket" in m for m in r[case]), case
+    assert r["misspelt"] is True
+
+
+# 4e: the NixOS VM tests cannot run here (KVM, the real nixpkgs), but their scripts
 # must at least compile as Python and drive every machine they declare -------------
 
 

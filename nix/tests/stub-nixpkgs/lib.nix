@@ -111,6 +111,8 @@ let
       mkType = name: check: { inherit name check; };
       bool = mkType "bool" builtins.isBool;
       str = mkType "str" builtins.isString;
+      # as in nixpkgs: the whole string must match (builtins.match anchors the pattern)
+      strMatching = pattern: mkType "string matching ${pattern}" (v: builtins.isString v && builtins.match pattern v != null);
       int = mkType "int" builtins.isInt;
       ints.positive = mkType "positive int" (v: builtins.isInt v && v > 0);
       path = mkType "path" (

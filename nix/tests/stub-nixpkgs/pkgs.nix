@@ -76,6 +76,7 @@ let
     "rich"
     "tomli-w"
     "psycopg"
+    "obstore"
     "hatchling"
     "setuptools"
     "pytest"
