@@ -44,6 +44,7 @@
                 # build and test
                 ps.hatchling
                 ps.pytest
+                ps.pytest-xdist
                 ps.hypothesis
               ]
               # the s3 extra (obstore), where nixpkgs has it

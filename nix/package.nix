@@ -12,6 +12,7 @@
   # the s3 extra; null where nixpkgs has no python3Packages.obstore (then withS3 is off)
   obstore ? null,
   pytestCheckHook,
+  pytest-xdist,
   hypothesis,
   # PostgreSQL stores (`-db postgresql://...`, [project.optional-dependencies] postgres): on by
   # default, since the NixOS module may point several machines at one database
@@ -64,6 +65,7 @@ buildPythonApplication {
 
   nativeCheckInputs = [
     pytestCheckHook
+    pytest-xdist # pyproject's addopts run the suite on three workers
     hypothesis
   ];
 

@@ -170,8 +170,9 @@ def test_retries_back_off_exponentially_then_fail_until_retry(cli, tmp_path):
     lines = [ln.split() for ln in starts.read_text().splitlines()]
     assert [a for a, _ in lines] == ["1", "2", "3"]
     t = [float(x) for _, x in lines]
+    # doubling: the second wait is at least twice the base delay (a lower bound only: a loaded machine
+    # adds to either wait, so their ratio says little)
     assert t[1] - t[0] >= 0.4 - 0.05 and t[2] - t[1] >= 0.8 - 0.05, t
-    assert t[2] - t[1] > (t[1] - t[0]) * 1.5, t  # doubling, not constant
     # logs: every attempt, with exit code, duration and the *tail* of a long stderr
     logs = cli.ok("-db", cli.db, "logs", "1")
     for n in (1, 2, 3):

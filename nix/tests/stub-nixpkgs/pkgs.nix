@@ -80,6 +80,7 @@ let
     "hatchling"
     "setuptools"
     "pytest"
+    "pytest-xdist"
     "hypothesis"
     "pytestCheckHook"
   ] pkg;
