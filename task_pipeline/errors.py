@@ -34,3 +34,8 @@ class StoreError(UserError):
     """The store or database cannot be used as it is (corrupt, newer schema, unreadable, disk full)."""
 
     exit_code = 3
+
+
+class DatabaseUnavailable(StoreError):
+    """The database cannot be reached (server down, network cut, connection lost).
+    `run` stops (exit 3); `serve` waits and tries again."""

@@ -540,6 +540,16 @@ class Store:
         return files, size
 
 
+def has_objects(objects: str) -> bool:
+    """Whether a directory holds objects (a shard directory): then a database next to it that is
+    missing or empty means lost state, not a new store."""
+    try:
+        with os.scandir(objects) as it:
+            return any(len(e.name) == 2 and e.is_dir(follow_symlinks=False) for e in it)
+    except OSError:
+        return False
+
+
 def _entry(name: str, path: str) -> ObjectEntry | None:
     try:
         st = os.lstat(path)

@@ -20,8 +20,10 @@ import time
 from contextlib import AbstractContextManager
 from typing import Any, Iterable, Iterator, Protocol
 
+from task_pipeline.errors import DatabaseUnavailable as DatabaseUnavailable  # part of the interface
 from task_pipeline.errors import StoreError
 from task_pipeline.schema import MIGRATIONS, SCHEMA_VERSION, statements
+from task_pipeline.store import has_objects
 
 
 class Cursor(Protocol):
@@ -81,11 +83,6 @@ class Database(Protocol):
     def in_transaction(self) -> bool: ...
     @property
     def types(self) -> dict[str, str]: ...
-
-
-class DatabaseUnavailable(StoreError):
-    """The database cannot be reached (server down, network cut, connection lost).
-    `run` stops (exit 3); `serve` waits and tries again."""
 
 
 def is_url(location: str) -> bool:
@@ -170,16 +167,6 @@ def _check_version(version: int) -> None:
     if version > SCHEMA_VERSION:
         raise StoreError(f"this store was written by a newer task-pipeline (schema {version}, this one knows "
                          f"{SCHEMA_VERSION}); upgrade task-pipeline")
-
-
-def has_objects(objects: str) -> bool:
-    import os
-
-    try:
-        with os.scandir(objects) as it:
-            return any(len(e.name) == 2 and e.is_dir(follow_symlinks=False) for e in it)
-    except OSError:
-        return False
 
 
 def explain(exc: BaseException) -> str | None:

@@ -25,8 +25,7 @@ from contextlib import contextmanager
 from typing import Iterator
 from urllib.parse import urlsplit, urlunsplit
 
-from task_pipeline.db import DatabaseUnavailable
-from task_pipeline.errors import StoreError, UsageError
+from task_pipeline.errors import DatabaseUnavailable, StoreError, UsageError
 
 CHANNEL = "task_pipeline"
 LOCK_CLASS = 0x7470  # advisory lock namespace: "tp"

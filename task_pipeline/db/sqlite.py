@@ -19,6 +19,7 @@ from typing import Iterator
 
 from task_pipeline import fsutil
 from task_pipeline.errors import StoreError
+from task_pipeline.store import has_objects
 
 BUSY_TIMEOUT = 60.0    # seconds a statement waits for another process's lock
 WATCH_POLL = 0.05      # seconds between looks at data_version while a daemon is idle
@@ -222,8 +223,6 @@ def connect(db_dir: str, *, create: bool = False, objects_hint: str | None = Non
             raise StoreError(f"{path}: the database file is empty (0 bytes), so this store's state is lost; "
                              f"restore it from a backup (nothing was changed)")
     if create and (st is None or st.st_size == 0) and objects_hint:
-        from task_pipeline.db import has_objects
-
         if has_objects(objects_hint):
             what = "is empty (0 bytes)" if st is not None else "is missing"
             raise StoreError(f"{path}: the database {what}, but {objects_hint} holds objects: this store's state is "
