@@ -28,14 +28,14 @@ import anyio.to_thread
 
 from task_pipeline import gathering, state
 from task_pipeline.state import CommitReport
-from task_pipeline.store import Store
+from task_pipeline.store import ObjectStore, StoreUnavailable
 
 POLL = 0.25          # seconds: while tasks commit, look this often at most whether a gather step can fire
 STORE_RETRY = 30.0   # seconds before a listing the store could not take is tried again
 
 
 class Gatherer:
-    def __init__(self, db, store: Store, steps: frozenset[str] | None, *, settle: bool, reporter,
+    def __init__(self, db, store: ObjectStore, steps: frozenset[str] | None, *, settle: bool, reporter,
                  trouble: Callable[[str], None]) -> None:
         self.db, self.store, self.steps, self.settle = db, store, steps, settle
         self.reporter, self.trouble = reporter, trouble
@@ -86,8 +86,9 @@ class Gatherer:
             if st.members:
                 try:
                     listing = await anyio.to_thread.run_sync(self.store.ingest_bytes, data)
-                except OSError as e:
-                    self.trouble(f"cannot store the member listing of gather step '{st.step}': {e.strerror}")
+                except (OSError, StoreUnavailable) as e:
+                    why = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
+                    self.trouble(f"cannot store the member listing of gather step '{st.step}': {why}")
                     self.next_due = time.monotonic() + STORE_RETRY
                     continue
             got = await self.db(state.create_gather, st.step, st.members, listing)

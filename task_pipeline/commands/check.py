@@ -25,7 +25,7 @@ from task_pipeline.errors import StoreError
 from task_pipeline.executor import Job, ProcessTable, Slots, execute
 from task_pipeline.location import SECRET_ENV
 from task_pipeline.report import Output
-from task_pipeline.store import Store
+from task_pipeline.store import ObjectStore
 from task_pipeline.textsafe import block, one_line
 
 DIFF_BYTES = 256 * 1024   # files larger than this get no diff (the hashes say enough)
@@ -82,15 +82,15 @@ def _read_fd(fd: int, limit: int) -> bytes | None:
     return None if len(data) > limit else data
 
 
-def _recorded_bytes(store: Store, h: str) -> bytes | None:
+def _recorded_bytes(store: ObjectStore, h: str) -> bytes | None:
     try:
-        with store.open(h) as f:
-            return _read_fd(f.fileno(), DIFF_BYTES)
+        data, size = store.read_tail(h, DIFF_BYTES)
     except (OSError, StoreError):
-        return None
+        return None   # no diff, then: the hashes already say that it differs
+    return data if size <= DIFF_BYTES else None
 
 
-def check_task(job_for, store: Store, procs: ProcessTable, slots: Slots, row, recorded: dict[str, str],
+def check_task(job_for, store: ObjectStore, procs: ProcessTable, slots: Slots, row, recorded: dict[str, str],
                step: state.CurrentStep, workdir: Path) -> TaskCheck:
     rerun_bytes: dict[str, bytes | None] = {}
 
