@@ -367,6 +367,53 @@ def test_a_step_that_starts_gathering_is_a_new_version_and_migration_retires_its
                       "WHERE s.name = 'part' AND t.live = 1") == [(1,)]
 
 
+# -- a gather step whose script changes ----------------------------------------------------------
+
+TAINT = """
+[[step]]
+name = "gen"
+start = true
+script = 'for i in 1 2 3; do echo "$i" > "$OUTPUT_DIR/words_$i"; done'
+
+[[step]]
+name = "report"
+gather = true
+inputs = ["words"]
+script = '''
+echo "report v$STEP_VERSION $(wc -l < "$INPUT_FILE")" >> "$EVENTS"
+cat "$INPUT_DIR"/* | awk '{ s += $1 } END { print SUM }' > "$OUTPUT_DIR/total"
+'''
+
+[[step]]
+name = "total"
+script = 'echo publish >> "$EVENTS"; cp "$INPUT_FILE" "$OUTPUT_DIR/done_total"'
+"""
+
+
+def test_a_gather_step_whose_script_changes_is_tainted_migrated_and_restored_like_any_step(cli):
+    log = cli.tmp / "events"
+    env = {"EVENTS": str(log)}
+
+    def run(sum_expr: str, *extra) -> tuple[str, list[str]]:
+        before = len(events(log))
+        r = cli.run(cli.manifest(TAINT.replace("SUM", sum_expr)), *extra, env=env)
+        assert r.returncode == 0, r.err
+        return r.err, [" ".join(e) for e in events(log)[before:]]
+
+    assert run("s")[1] == ["report v1 3", "publish"]
+    err, ran = run("s + 0")   # another script, the same bytes out
+    assert ran == [] and "report: version 2 is current (was 1)" in err and "1 tasks of report are tainted" in err
+    err, ran = run("s + 0", "-migrate-tainted")
+    assert ran == ["report v2 3"], err          # the same three members, on the new version; total is the
+    assert final(cli) == {"done_total": "6\n"}  # same bytes, so nothing downstream runs again
+    err, ran = run("s")                           # back to the first script: its result counts again
+    assert ran == [] and "report: version 1 is current (was 2)" in err
+    assert [(live, st, n) for _, live, st, n in gather_tasks(cli)] == [(1, "done", 3), (0, "done", 3)]
+    cli.ok("invalidate", "report", "-db", cli.db)
+    assert run("s")[1] == ["report v1 3"]
+    assert_clean(cli)
+
+
 # -- serve: a burst settles into one task -------------------------------------------------------
 
 BURST = """
