@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 import backends
-from conftest import CLI
+from conftest import CLI, ROOT
 
 # The tests marked `backends` run on SQLite and on PostgreSQL: between them they take every path of
 # gather_states and create_gather (queued, restored, retired) and the queries of status, graph and
@@ -545,3 +545,19 @@ def test_a_gather_task_survives_sigkill_of_its_runner_and_of_runs_at_random_mome
     assert outcomes.count("ok") == 1 and "lost" in outcomes, outcomes
     assert query(cli, "SELECT count(*) FROM attempt WHERE outcome = 'ok' GROUP BY task_id HAVING count(*) > 1") == []
     assert_clean(cli)
+
+
+# -- the example in manifests/ ------------------------------------------------------------------------
+
+
+def test_the_word_count_example_counts_each_document_once_and_reports_on_all_of_them(cli):
+    m = ROOT / "manifests" / "wordcount.toml"
+    cli.ok("-manifest", m, "-db", cli.db, "-run")
+    assert final(cli)["done_report.txt"].startswith("documents: 5\nwords: 123\nmost frequent:\n     9 of\n")
+    notes = cli.tmp / "my-notes.txt"
+    notes.write_text("The quick brown fox jumps over the lazy dog, the end.\n")
+    cli.ok("submit", "-db", cli.db, "count", notes)
+    r = cli.ok("-manifest", m, "-db", cli.db, "-run")
+    assert "report: gathering 6 member(s)" in r.err and "2 task(s) finished" in r.err  # the new count, the report
+    assert final(cli)["done_report.txt"].startswith("documents: 6\nwords: 134\nmost frequent:\n    10 the\n")
+    assert "every one byte-identical" in cli.ok("check", "report", "-db", cli.db).out
