@@ -151,7 +151,7 @@ COMMANDS: dict[str, Command] = {
                   "task-pipeline gc --dry-run"),
     "fsck": Command("re-hash every object and check every reference", "", STORE + ("json",), "task-pipeline fsck"),
     "check": Command("re-run a step's done tasks in scratch and compare their outputs byte for byte", "STEP",
-                     STORE + ("sample", "json"),
+                     STORE + ("sample", "json", "cache_size"),
                      "task-pipeline check count                  (every done task of count; exit 1 if any differ)\n"
                      "task-pipeline check count --sample 20      (20 of them, chosen at random)\n"
                      "task-pipeline check count --json | jq '.tasks[] | select(.identical | not)'",
