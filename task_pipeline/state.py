@@ -1108,14 +1108,18 @@ def create_gather(db: Database, step: str, members: list[tuple[str, str]], listi
         marks = ",".join("?" * len(mine))
         old = db.execute(
             f"""UPDATE task SET live=0 WHERE step_id IN ({marks}) AND live=1
-                  AND EXISTS (SELECT 1 FROM gather_member m WHERE m.task_id = task.id) RETURNING id, state""",
+                  AND EXISTS (SELECT 1 FROM gather_member m WHERE m.task_id = task.id) RETURNING id, state, replaces""",
             mine).fetchall()
-        done = sorted(r["id"] for r in old if r["state"] == DONE)
-        done_before = done[-1] if done else None
+        # The result this task gives way to: the live one, or, when the live task never finished (it
+        # failed, or the set changed before it ran), the one that task was to replace, whose outputs
+        # are still current downstream and would otherwise stay so for good.
+        before = sorted({r["id"] for r in old if r["state"] == DONE}
+                        | {r["replaces"] for r in old if r["state"] != DONE and r["replaces"] is not None})
+        done_before = before[-1] if before else None
         gone = _outputs(db, done_before) if done_before else []
-        if len(done) > 1:  # more than one live result (never made here): the others give way now
+        if len(before) > 1:  # more than one result to replace (never made here): the others give way now
             keep = set(gone)
-            _retire(db, [o for t in done[:-1] for o in _outputs(db, t) if o not in keep])
+            _retire(db, [o for t in before[:-1] for o in _outputs(db, t) if o not in keep])
         failed = st.failed if st.on_failure == "gather" else 0
         if not members:
             _retire(db, gone)
@@ -1141,8 +1145,9 @@ def create_gather(db: Database, step: str, members: list[tuple[str, str]], listi
             _retire(db, [o for o in gone if o not in keep])
             db.notify()
         elif twin["state"] == FAILED:
-            db.execute("UPDATE task SET live=1 WHERE id=?", (twin["id"],))  # stays failed until `retry`
-            _retire(db, gone)
+            # stays failed until `retry`; the previous result stays current until then, as it does
+            # when a new set's task fails
+            db.execute("UPDATE task SET live=1, replaces=? WHERE id=?", (done_before, twin["id"]))
         else:
             db.execute("UPDATE task SET live=1, replaces=? WHERE id=?", (done_before, twin["id"]))
             db.notify()

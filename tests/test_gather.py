@@ -216,6 +216,25 @@ def test_a_changed_member_makes_one_new_gather_task_and_only_changed_work_downst
     assert_clean(cli)
 
 
+def test_a_gather_task_that_failed_passes_on_the_result_it_was_to_replace(cli):
+    src = cli.tmp / "src"
+    src.mkdir()
+    for name, text in (("a", "one two three"), ("b", "four five")):
+        (src / name).write_text(text + "\n")
+    m = cli.manifest(IDENTITY.replace('echo "report', 'test -z "$FAIL" || exit 3; echo "report'))
+    env = {"EVENTS": str(cli.tmp / "events"), "SRC": str(src)}
+    cli.ok("-manifest", m, "-db", cli.db, "-run", env=env)
+    (src / "b").write_text("four\n")
+    cli.ok("invalidate", "gen", "-db", cli.db)
+    assert cli.run(m, env={**env, "FAIL": "1"}).returncode == 1
+    assert final(cli) == {"done_total": "5\n"}      # the last good result stays until one replaces it
+    (src / "b").write_text("four five six seven\n")
+    cli.ok("invalidate", "gen", "-db", cli.db)
+    cli.ok("-manifest", m, "-db", cli.db, "-run", env=env)
+    done = json.loads(cli.ok("export", "done", "-db", cli.db, "--json").out)
+    assert [Path(r["path"]).read_text() for r in done] == ["7\n"], "the first result was never retired"
+
+
 def test_a_gather_step_cannot_be_submitted_to(cli):
     m = cli.manifest(IDENTITY)
     cli.ok("-manifest", m, "-db", cli.db, "-run", "-step", "count")  # registers; gen is not run
