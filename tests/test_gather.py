@@ -444,7 +444,7 @@ script = 'wc -c < "$INPUT_FILE" | tr -d " " > "$OUTPUT_DIR/size_$INPUT_NAME"'
 name = "sizes"
 gather = true
 inputs = ["size"]
-settle = "1500ms"
+settle = "1s"
 script = 'wc -l < "$INPUT_FILE" > "$OUTPUT_DIR/done_count"; cat "$INPUT_DIR"/* | sort -n | tail -1 > "$OUTPUT_DIR/done_max"'
 """
 
@@ -458,7 +458,7 @@ from task_pipeline.cli import main
 head, files = sys.argv[1:sys.argv.index("--")], sys.argv[sys.argv.index("--") + 1:]
 for i, f in enumerate(files):
     if i and i % 10 == 0:
-        time.sleep(0.2)
+        time.sleep(0.15)
     rc = main([*head, f])
     if rc:
         sys.exit(rc)
@@ -537,7 +537,7 @@ def test_a_gather_task_survives_sigkill_of_its_runner_and_of_runs_at_random_mome
                                 cwd=cli.tmp, env=cli.environ({"EVENTS": str(log), **env}),
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
-    for _ in range(3):  # kills anywhere: start-up, upstream work, the gather's creation or its script
+    for _ in range(2):  # kills anywhere: start-up, upstream work, the gather's creation or its script
         p = spawn(NAP="2")  # (a gather script never finishes before the kill)
         time.sleep(rng.uniform(0.1, 1.5))
         p.kill()
