@@ -83,6 +83,7 @@ OPTS: dict[str, Opt] = {
                                  "for a bucket)", "SECONDS", float),
     "cache_size": Opt(("cache-size",), "objects in a bucket: keep up to SIZE of downloaded objects on this host "
                                        "(e.g. 10G; default none)", "SIZE"),
+    "sample": Opt(("sample",), "re-run N of the step's done tasks, chosen at random (default: all of them)", "N", int),
 }
 
 GLOBAL = ("verbose", "quiet", "log_format")
@@ -149,6 +150,12 @@ COMMANDS: dict[str, Command] = {
     "gc": Command("remove unreferenced objects and leftover scratch", "", STORE + ("force", "dry_run", "json", "min_age"),
                   "task-pipeline gc --dry-run"),
     "fsck": Command("re-hash every object and check every reference", "", STORE + ("json",), "task-pipeline fsck"),
+    "check": Command("re-run a step's done tasks in scratch and compare their outputs byte for byte", "STEP",
+                     STORE + ("sample", "json", "cache_size"),
+                     "task-pipeline check count                  (every done task of count; exit 1 if any differ)\n"
+                     "task-pipeline check count --sample 20      (20 of them, chosen at random)\n"
+                     "task-pipeline check count --json | jq '.tasks[] | select(.identical | not)'",
+                     max_args=1, min_args=1),
     "validate": Command("check a manifest without running anything (and, given -db, what registering it would change)",
                         "[MANIFEST]", ("manifest", "json") + STORE,
                         "task-pipeline validate pipeline.toml\ntask-pipeline validate pipeline.toml -db ./db",
@@ -391,6 +398,8 @@ def _check(a: argparse.Namespace, spec: Command) -> None:
                     raise UsageError(f"-{o.names[0]} {shown!r} is not UTF-8 text; use a name that is") from None
     if (a.link or a.layout) and not a.to:
         raise UsageError("--link and --layout go with --to DIR")
+    if a.sample is not None and a.sample < 1:
+        raise UsageError(f"--sample must be at least 1 (got {a.sample})")
     if a.input_path and (a.outputs or a.unrouted or a.to):
         raise UsageError("-input-path lists one task's outputs; it does not combine with --outputs, --unrouted or --to")
 

@@ -25,10 +25,11 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
-from task_pipeline import fsutil
+from task_pipeline import fsutil, members
 from task_pipeline.state import Claimed, Result
-from task_pipeline.store import Cancelled, ObjectError, ObjectStore, OutputChanged, StoreUnavailable
+from task_pipeline.store import Cancelled, ObjectError, ObjectStore, OutputChanged, StoreUnavailable, hash_fd
 
 KILL_GRACE = 3.0  # seconds between SIGTERM and SIGKILL on timeout or shutdown
 DISK_FULL_BELOW = 256 * 1024  # bytes free on the scratch filesystem after an attempt that count as "full"
@@ -274,6 +275,10 @@ class Job:
     store: ObjectStore
     workdir: Path
     base_env: dict[str, str]
+    # `check` (commands/check.py): outputs are hashed, not stored, and logs are not kept; `inspect` is
+    # shown OUTPUT_DIR (its descriptor, and the outputs found) before the attempt's directories go
+    dry: bool = False
+    inspect: Callable[[int, list[tuple[str, str, int]]], None] | None = None
 
 
 def execute(job: Job, procs: ProcessTable, slots: Slots) -> Result:
@@ -319,15 +324,18 @@ def _run(job: Job, procs: ProcessTable, dirs: AttemptDirs, res: Result) -> None:
     step = c.step
     in_name = input_file_name(c.input_name)
     dirs.input_name = in_name
+    members_dir = None
     try:
-        fd = os.open(in_name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o444,
-                     dir_fd=dirs.in_fd)
+        # a gather task's input is the listing of its members, read back to lay them out (members.py)
+        fd = os.open(in_name, (os.O_RDWR if step.policy.gather else os.O_WRONLY) | os.O_CREAT | os.O_EXCL
+                     | os.O_NOFOLLOW | os.O_CLOEXEC, 0o444, dir_fd=dirs.in_fd)
         try:
-            if c.input_hash:
-                job.store.copy_to_fd(c.input_hash, fd)
+            size = job.store.copy_to_fd(c.input_hash, fd) if c.input_hash else 0
+            if step.policy.gather:
+                members_dir = members.lay_out(job.store, dirs.in_fd, fd, size)
         finally:
             os.close(fd)
-    except ObjectError as e:
+    except (ObjectError, members.MembersError) as e:
         # Missing or damaged: running the script cannot help, and retrying cannot either.
         res.error, res.final = f"input {c.input_name!r}: {e}", True
         return
@@ -343,6 +351,8 @@ def _run(job: Job, procs: ProcessTable, dirs: AttemptDirs, res: Result) -> None:
         INPUT_NAME=c.input_name, INPUT_HASH=c.input_hash, STEP_NAME=step.name, STEP_VERSION=str(step.version),
         TASK_ID=str(c.task_id), TASK_ATTEMPT=str(c.attempt), RUNSET=c.runset,
     )
+    if members_dir is not None:
+        env["INPUT_DIR"] = f"{dirs.path}/in/{members_dir}"
     env.update(step.env)
     timed_out = False
     flags = os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
@@ -398,11 +408,15 @@ def _run(job: Job, procs: ProcessTable, dirs: AttemptDirs, res: Result) -> None:
         elif rc != 0:
             res.error = f"exit code {rc}"
         else:
-            res.outputs, problem = collect_outputs(dirs, job.store, procs.abandon.is_set)
+            res.outputs, problem = collect_outputs(dirs, job.store, procs.abandon.is_set, keep=not job.dry)
             if problem:
                 res.error = problem
             else:
                 res.ok = True
+                if job.inspect is not None:
+                    job.inspect(dirs.out_fd, res.outputs)
+        if job.dry:
+            return  # nothing of a check is kept, not even its logs
         res.stdout = _store_log(job.store, so)
         res.stderr = _store_log(job.store, se)
         if res.stderr is None and stderr_size and not res.ok:
@@ -431,8 +445,10 @@ def _disk_full(path: str, rc: int, stderr_tail: str) -> str | None:
     return None
 
 
-def collect_outputs(dirs: AttemptDirs, store: ObjectStore, cancel=None) -> tuple[list[tuple[str, str, int]], str | None]:
-    """Store every regular file directly in OUTPUT_DIR. Anything else fails the attempt, naming the file.
+def collect_outputs(dirs: AttemptDirs, store: ObjectStore, cancel=None, *,
+                    keep: bool = True) -> tuple[list[tuple[str, str, int]], str | None]:
+    """Store every regular file directly in OUTPUT_DIR (without `keep`: only hash it, with the store's
+    algorithm). Anything else fails the attempt, naming the file.
 
     OUTPUT_DIR must still be the directory that was made for the attempt (a script that
     replaced it, with a symlink to /etc say, gets a failure, not a copy of /etc). Names are
@@ -477,7 +493,10 @@ def collect_outputs(dirs: AttemptDirs, store: ObjectStore, cancel=None) -> tuple
             if not stat.S_ISREG(st.st_mode):
                 return [], f"output '{name}' is not a regular file"
             try:
-                h, size = store.ingest_output(dirs.out_fd, name, fd, st, cancel=cancel)
+                if keep:
+                    h, size = store.ingest_output(dirs.out_fd, name, fd, st, cancel=cancel)
+                else:
+                    h, size = hash_fd(fd, store.algo, st.st_size, cancel)
             except OutputChanged:
                 return [], (f"output '{name}' was replaced while it was being stored (by a process the script "
                             f"left running?); nothing of this attempt is kept")

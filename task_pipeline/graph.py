@@ -4,8 +4,9 @@ Nodes are the steps (start steps marked) and the terminal `done`. Edges come fro
 two places:
 
 - observed, from the store: a task whose parent task ran step A and which itself
-  runs step B is an edge A -> B; a done task's outputs with route key `done` are
-  an edge to `done`. These are drawn solid.
+  runs step B is an edge A -> B; a gather task of step B whose members step A made
+  is an edge A -> B too (counted in members); a done task's outputs with route key
+  `done` are an edge to `done`. These are drawn solid.
 - guessed, from the manifest's scripts (when -manifest is given): file names
   written under $OUTPUT_DIR (`> "$OUTPUT_DIR/process_$i.txt"`, `cp x $OUTPUT_DIR/done.json`)
   are routed like real outputs. Guesses not (yet) confirmed by the store are drawn dashed.
@@ -31,6 +32,7 @@ class Node:
     terminal: bool = False
     version: int | None = None
     removed: bool = False      # in the store, no longer in the manifest
+    gather: bool = False       # takes every output routed to it as one task
 
 
 @dataclass
@@ -53,7 +55,7 @@ class Graph:
     def to_json(self) -> dict:
         return {
             "nodes": [{"id": n.name, "start": n.start, "terminal": n.terminal, "version": n.version,
-                       "removed": n.removed} for n in self.nodes],
+                       "removed": n.removed, "gather": n.gather} for n in self.nodes],
             "edges": [{"from": e.src, "to": e.dst, "observed": e.observed, "guessed": e.guessed,
                        "dashed": e.dashed} for e in self.edges],
         }
@@ -107,6 +109,8 @@ def _label(n: Node) -> str:
         label += f" v{n.version}"
     if n.start:
         label += " (start)"
+    if n.gather:
+        label += " (gather)"
     if n.removed:
         label += " (removed)"
     return label
@@ -124,6 +128,8 @@ def render_mermaid(g: Graph) -> str:
             lines.append(f"    {nid}(((done)))")
         elif n.start:
             lines.append(f'    {nid}(["{label}"])')
+        elif n.gather:
+            lines.append(f'    {nid}[/"{label}"\\]')   # a trapezoid: many in, one out
         else:
             lines.append(f'    {nid}["{label}"]')
     for e in g.edges:
@@ -139,7 +145,8 @@ def render_dot(g: Graph) -> str:
         if n.terminal:
             attrs = 'shape=doublecircle, label="done"'
         else:
-            attrs = f'label="{_label(n)}"' + (", peripheries=2" if n.start else "") + (", style=dotted" if n.removed else "")
+            attrs = (f'label="{_label(n)}"' + (", peripheries=2" if n.start else "")
+                     + (", shape=invtrapezium" if n.gather else "") + (", style=dotted" if n.removed else ""))
         lines.append(f'    "{n.name}" [{attrs}];')
     for e in g.edges:
         attrs = []
@@ -163,6 +170,12 @@ def observed_edges(db) -> dict[tuple[str, str], int]:
                JOIN step ps ON ps.id = p.step_id JOIN step cs ON cs.id = c.step_id
                GROUP BY ps.name, cs.name"""):
         found[(src, dst)] = n
+    for src, dst, n in db.execute(
+            """SELECT ps.name, gs.name, count(DISTINCT m.task_id || '/' || m.name || '/' || m.hash)
+               FROM gather_member m JOIN task g ON g.id = m.task_id JOIN step gs ON gs.id = g.step_id
+               JOIN output o ON o.hash = m.hash AND o.name = m.name JOIN task p ON p.id = o.task_id
+               JOIN step ps ON ps.id = p.step_id GROUP BY ps.name, gs.name"""):
+        found[(src, dst)] = found.get((src, dst), 0) + n
     for src, n in db.execute(
             """SELECT s.name, count(*) FROM output o JOIN task t ON t.id = o.task_id JOIN step s ON s.id = t.step_id
                WHERE o.key = ? GROUP BY s.name""", (TERMINAL,)):

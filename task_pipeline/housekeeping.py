@@ -2,7 +2,7 @@
 
 fsck
     Re-hashes every object file and checks every reference the database holds (task
-    inputs, outputs, attempt logs): a reference to a missing object, or an object whose
+    inputs, outputs, attempt logs, gather members): a reference to a missing object, or an object whose
     bytes no longer hash to its name, is a problem, reported by hash together with the
     tasks that used it. Unreferenced objects and leftover scratch are harmless and only
     mentioned (gc removes them). Exit 0 when clean, 1 when problems were found, 3 when
@@ -286,6 +286,7 @@ REFERENCES_SQL = """
     UNION SELECT input_hash FROM task WHERE input_hash != ''
     UNION SELECT stdout_hash FROM attempt WHERE stdout_hash IS NOT NULL
     UNION SELECT stderr_hash FROM attempt WHERE stderr_hash IS NOT NULL
+    UNION SELECT hash FROM gather_member
 """
 
 
@@ -304,6 +305,10 @@ def users(db: Database, h: str, limit: int = 10) -> list[str]:
             """SELECT t.id, s.name, t.input_name, t.live FROM task t JOIN step s ON s.id = t.step_id
                WHERE t.input_hash = ? ORDER BY t.id LIMIT ?""", (h, limit + 1)):
         found.append(f"input '{r[2]}' of {r[1]}#{r[0]}" + ("" if r[3] else " (history)"))
+    for r in db.execute(
+            """SELECT m.name, t.id, s.name, t.live FROM gather_member m JOIN task t ON t.id = m.task_id
+               JOIN step s ON s.id = t.step_id WHERE m.hash = ? ORDER BY t.id LIMIT ?""", (h, limit + 1)):
+        found.append(f"member '{r[0]}' of {r[2]}#{r[1]}" + ("" if r[3] else " (history)"))
     for r in db.execute(
             """SELECT a.task_id, a.attempt, s.name, a.stdout_hash = ? FROM attempt a JOIN task t ON t.id = a.task_id
                JOIN step s ON s.id = t.step_id WHERE a.stdout_hash = ? OR a.stderr_hash = ?

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from task_pipeline.errors import ManifestError
+from task_pipeline.gathering import DEFAULT_SETTLE, ON_FAILURE
 from task_pipeline.routing import is_glob
 
 NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9-]*\Z")
@@ -25,7 +26,7 @@ RESERVED_NAMES = {"done"}
 
 STEP_KEYS = (
     "name", "start", "script", "parallel", "inputs", "retries", "retry_delay",
-    "timeout", "env", "shell", "schedule",
+    "timeout", "env", "shell", "schedule", "gather", "settle", "on_failure",
 )
 PIPELINE_KEYS = ("workdir",)
 TOP_KEYS = ("pipeline", "step")
@@ -62,11 +63,16 @@ class Step:
     env: dict[str, str] = field(default_factory=dict, hash=False)
     shell: str = "sh"
     schedule: float | None = None  # seconds between daemon ticks
+    gather: bool = False           # one task over every current output routed to it (gathering.py)
+    settle: float = DEFAULT_SETTLE  # gather steps under `serve`: seconds the set must stay unchanged
+    on_failure: str = "wait"       # gather steps: "wait" while an upstream task failed, or "gather" what succeeded
 
     @property
     def identity(self) -> str:
-        """Hash of what changes results: script, shell and env. Nothing else makes a version."""
-        return version_identity(self.script, self.shell, self.env)
+        """Hash of what changes results: script, shell, env, and whether the step gathers (the same
+        script given one input or a directory of them computes something else). Nothing else makes
+        a version."""
+        return version_identity(self.script, self.shell, self.env, self.gather)
 
     @property
     def consumes(self) -> tuple[str, ...]:
@@ -94,8 +100,11 @@ class Manifest:
         return tuple(s for s in self.steps if s.start)
 
 
-def version_identity(script: str, shell: str, env: dict[str, str]) -> str:
-    blob = json.dumps({"script": script, "shell": shell, "env": env}, sort_keys=True, ensure_ascii=False)
+def version_identity(script: str, shell: str, env: dict[str, str], gather: bool = False) -> str:
+    fields: dict = {"script": script, "shell": shell, "env": env}
+    if gather:  # only when set, so that the identities of every other step stay what they always were
+        fields["gather"] = True
+    blob = json.dumps(fields, sort_keys=True, ensure_ascii=False)
     return hashlib.sha256(blob.encode()).hexdigest()
 
 
@@ -321,17 +330,37 @@ def _parse_step(raw: dict, index: int, file: str) -> Step:
             raise err("schedule", "only a start step (start = true) can have a schedule")
         sched_s = _parse_duration(schedule, err)
 
+    gather = raw.get("gather", False)
+    if not isinstance(gather, bool):
+        raise err("gather", f"must be true or false, not {_describe(gather)}")
+    if gather and start:
+        raise err("gather", "a start step takes no inputs, so it has nothing to gather; remove 'gather' or 'start'")
+    settle = DEFAULT_SETTLE
+    if "settle" in raw:
+        settle = _parse_duration(raw["settle"], err, key="settle", minimum=0.0)
+        if not gather:
+            raise err("settle", "only a gather step (gather = true) waits for its inputs to settle")
+    on_failure = raw.get("on_failure", "wait")
+    if not isinstance(on_failure, str) or on_failure not in ON_FAILURE:
+        close = difflib.get_close_matches(on_failure, ON_FAILURE, n=1) if isinstance(on_failure, str) else []
+        raise err("on_failure", f"must be \"wait\" (do not gather while an upstream task has failed) or \"gather\" "
+                                f"(gather what succeeded), not {_describe(on_failure)}"
+                                + (f"; did you mean \"{close[0]}\"?" if close else ""))
+    if "on_failure" in raw and not gather:
+        raise err("on_failure", "only a gather step (gather = true) has an upstream failure policy")
+
     return Step(
         name=name, script=script, start=start, parallel=parallel, inputs=inputs_t,
         retries=retries, retry_delay=retry_delay, timeout=timeout,
-        env=dict(env), shell=shell, schedule=sched_s,
+        env=dict(env), shell=shell, schedule=sched_s, gather=gather, settle=settle, on_failure=on_failure,
     )
 
 
-def _parse_duration(value, err) -> float:
+def _parse_duration(value, err, *, key: str = "schedule", minimum: float = 1.0) -> float:
+    least = "one second" if minimum == 1.0 else f"{minimum:g} seconds"
     if _is_number(value):
         if value > MAX_SECONDS:  # compare before float(): a huge integer does not fit in one
-            raise err("schedule", f"must be at most {_MAX_TEXT}")
+            raise err(key, f"must be at most {_MAX_TEXT}")
         seconds = float(value)
     elif isinstance(value, str):
         text = value.strip().replace(" ", "")
@@ -342,13 +371,13 @@ def _parse_duration(value, err) -> float:
             seconds += float(m.group(1)) * _UNIT_SECONDS[m.group(2)]
             pos = m.end()
         if pos != len(text) or not text:
-            raise err("schedule", f"{_describe(value)} is not a duration; write e.g. \"30s\", \"15m\", \"1h30m\" or \"1d\"")
+            raise err(key, f"{_describe(value)} is not a duration; write e.g. \"30s\", \"15m\", \"1h30m\" or \"1d\"")
     else:
-        raise err("schedule", f"must be a duration like \"15m\", not {_describe(value)}")
-    if not seconds >= 1:
-        raise err("schedule", f"must be at least one second (got {_describe(value)})")
+        raise err(key, f"must be a duration like \"15m\", not {_describe(value)}")
+    if not seconds >= minimum:
+        raise err(key, f"must be at least {least} (got {_describe(value)})")
     if not seconds <= MAX_SECONDS:
-        raise err("schedule", f"must be at most {_MAX_TEXT} (got {_describe(value)})")
+        raise err(key, f"must be at most {_MAX_TEXT} (got {_describe(value)})")
     return seconds
 
 

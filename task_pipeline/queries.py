@@ -24,7 +24,7 @@ def step_counts(db: Database) -> list[dict]:
     names = {r[0]: r[1] for r in db.execute("SELECT id, name FROM step")}
     rows = {s.name: {"step": s.name, "version": s.version, "pending": 0, "running": 0, "leased": 0, "done": 0,
                      "failed": 0, "tainted": 0, "history": 0, "in_manifest": s.in_manifest, "last_error": None,
-                     "parallel": s.policy.parallel}
+                     "parallel": s.policy.parallel, "gather": s.policy.gather}
             for s in pipe.steps.values()}
     for step_id, st, live, n in db.execute(
             "SELECT step_id, state, live, count(*) FROM task GROUP BY step_id, state, live"):
@@ -198,23 +198,41 @@ def task_attempts(db: Database, task_id: int) -> dict:
             "input_hash": t["input_hash"], "state": t["state"], "live": bool(t["live"]), "attempts": attempts}
 
 
-def _chain(db: Database, task_id: int, h: str, name: str) -> list[dict]:
-    """From task `task_id` (which produced `name` = object `h`) back to its start or submitted input."""
+def _chain(db: Database, task_id: int, h: str, name: str, seen: set[int] | None = None) -> list[dict]:
+    """From task `task_id` (which produced `name` = object `h`) back to its start or submitted input.
+    A gather task's hop fans in: it lists its members, each with the chain that produced it."""
     chain: list[dict] = []
-    seen = set()
+    seen = set() if seen is None else seen
     while task_id is not None and task_id not in seen:
         seen.add(task_id)
         t = db.execute(
             """SELECT t.id, t.parent_id, t.input_name, t.input_hash, t.runset, t.live, s.name, s.version
                FROM task t JOIN step s ON s.id = t.step_id WHERE t.id=?""", (task_id,)).fetchone()
-        chain.append({"object": h, "name": name, "task": t["id"], "step": t["name"], "version": t["version"],
-                      "input": t["input_name"] or None, "runset": t["runset"], "live": bool(t["live"])})
+        hop = {"object": h, "name": name, "task": t["id"], "step": t["name"], "version": t["version"],
+               "input": t["input_name"] or None, "runset": t["runset"], "live": bool(t["live"])}
+        chain.append(hop)
+        members = db.execute("SELECT name, hash FROM gather_member WHERE task_id=?", (task_id,)).fetchall()
+        if members:
+            hop["members"] = [{"name": n, "object": mh, "lineage": _member_chain(db, mh, n, seen)}
+                              for n, mh in sorted((r[0], r[1]) for r in members)]
+            break
         h, name, task_id = t["input_hash"], t["input_name"], t["parent_id"]
         if h and task_id is None:
             chain.append({"object": h, "name": name, "task": None, "step": "(submitted)", "version": None,
                           "input": None, "runset": None, "live": True})
     chain.reverse()
     return chain
+
+
+def _member_chain(db: Database, h: str, name: str, seen: set[int]) -> list[dict]:
+    """The chain of one gather member: through its current producer (any producer, failing that)."""
+    row = db.execute(
+        """SELECT o.task_id FROM output o JOIN task t ON t.id = o.task_id WHERE o.hash = ? AND o.name = ?
+           ORDER BY t.live DESC, t.id DESC LIMIT 1""", (h, name)).fetchone()
+    if row is None:
+        return [{"object": h, "name": name, "task": None, "step": "(unknown)", "version": None, "input": None,
+                 "runset": None, "live": False}]
+    return _chain(db, row[0], h, name, set(seen))
 
 
 def lineages(db: Database, h: str, history: bool = False, limit: int = 100) -> list[list[dict]]:

@@ -18,6 +18,9 @@ stops its scripts and gives their tasks up: by the time their leases expire
 and another runner takes them, nothing of ours is running them. A renewal that
 finds a task taken by someone else stops that task's script at once.
 
+Gather steps get their tasks from the main loop, through a `Gatherer`
+(gatherer.py): when the engine is idle, and now and then while results commit.
+
 Failure inside the engine (a worker thread that dies, a heartbeat that
 raises) never leaves it waiting: it stops claiming, gives back what it holds,
 and the run ends with the error.
@@ -45,6 +48,7 @@ from task_pipeline import housekeeping, state
 from task_pipeline.db import Database, DatabaseUnavailable
 from task_pipeline.errors import StoreError
 from task_pipeline.executor import KILL_GRACE, Job, ProcessTable, Slots, execute
+from task_pipeline.gatherer import Gatherer
 from task_pipeline.state import Claimed, CommitReport, Result, Summary
 from task_pipeline.store import ObjectStore
 
@@ -343,6 +347,8 @@ async def run_engine(db: Db, store: ObjectStore, opts: EngineOptions, reporter: 
             if r.store_trouble:
                 store_trouble(r.error or "the store cannot take the attempt")
         summary.absorb(rep)
+        if rep.done or rep.failed:
+            gatherer.committed()
         late = [r for r in rep.stale if r.started]
         if late:
             # the fencing token at work: another runner holds these tasks now, and its results count
@@ -459,6 +465,9 @@ async def run_engine(db: Db, store: ObjectStore, opts: EngineOptions, reporter: 
             if changed:
                 return
 
+    gatherer = Gatherer(db, store, opts.steps, settle=not opts.until_idle, reporter=reporter,
+                        trouble=store_trouble)
+
     async def main_loop() -> None:
         while True:
             if board.fatal is not None:
@@ -485,6 +494,9 @@ async def run_engine(db: Db, store: ObjectStore, opts: EngineOptions, reporter: 
                     await commit(give_back(left, "not started: shutting down"), {})
             total = board.busy + committing[0]
             timeout: float | None = None  # None: until poked (a result, a commit) or new work appears
+            if not flags.stopping and time.monotonic() >= flags.paused_until and gatherer.wants(total == 0):
+                if await gatherer.fire():
+                    continue  # a gather task to claim
             if total == 0:
                 if flags.stopping:
                     break
@@ -506,6 +518,9 @@ async def run_engine(db: Db, store: ObjectStore, opts: EngineOptions, reporter: 
                     timeout = IDLE_POLL * 30  # the watcher wakes us; poll now and then regardless
                 if time.monotonic() < flags.paused_until:
                     timeout = max(0.05, flags.paused_until - time.monotonic())
+            hint = gatherer.wait_hint()
+            if hint is not None and not flags.stopping:
+                timeout = hint if timeout is None else min(timeout, hint)
             await wait_for_work(timeout)
             wake[0] = anyio.Event()
 

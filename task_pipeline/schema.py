@@ -25,6 +25,9 @@ Vocabulary:
 - attempt: every execution of a task, with its exit status and log objects.
 - runner: processes working on (or writing to) this store: runners, daemons,
   and short-lived writers such as submit, so that gc sees them all.
+- gather_member: the members of a gather task (gathering.py), by name and object
+  hash. The task's input object lists them too, but gc and fsck read references
+  from the database, and `why` and `graph` follow a fan-in through this table.
 """
 
 from __future__ import annotations
@@ -130,6 +133,16 @@ MIGRATIONS: tuple[str, ...] = (
     # 2: when a leased task's script really started (status counts running scripts, not leases)
     """
     ALTER TABLE task ADD COLUMN started_at {real};
+    """,
+    # 3: gather steps: the members of each gather task (kept as references for gc, and for why and graph)
+    """
+    CREATE TABLE gather_member (
+        task_id {ref} NOT NULL REFERENCES task(id),
+        name    TEXT NOT NULL,
+        hash    TEXT NOT NULL,
+        PRIMARY KEY (task_id, name, hash)
+    ) {without_rowid};
+    CREATE INDEX gather_member_hash ON gather_member(hash, name);
     """,
 )
 

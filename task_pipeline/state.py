@@ -19,6 +19,9 @@ The central ideas:
   one does not are retired, and so are the tasks fed only by them.
 - Times that leases are compared by come from `db.clock()`, the server's clock
   where there is a server, so that hosts with skewed clocks still agree.
+- A gather step gets no task per input: routing passes it by, and `create_gather`
+  makes one task over its whole member set when the engine asks (see the section
+  "gather steps" below, and gathering.py for the pure part).
 """
 
 from __future__ import annotations
@@ -30,12 +33,15 @@ import time
 from collections import Counter
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
 from task_pipeline.db import Database
 from task_pipeline.host import this_host
 from task_pipeline.errors import UsageError
+from task_pipeline import gathering
+from task_pipeline.gathering import GATHER_INPUT
 from task_pipeline.manifest import Manifest
 from task_pipeline.routing import Router, is_glob, matches, route_key
 
@@ -79,6 +85,9 @@ class Policy:
     retry_delay: float = 1.0
     timeout: float | None = None
     schedule: float | None = None
+    gather: bool = False        # part of the version identity too; kept here so that runners know the kind
+    settle: float = gathering.DEFAULT_SETTLE
+    on_failure: str = "wait"
 
 
 @dataclass(frozen=True)
@@ -106,6 +115,14 @@ class Pipeline:
     @property
     def active(self) -> list[CurrentStep]:
         return [s for s in self.steps.values() if s.in_manifest]
+
+    @cached_property
+    def gather_upstream(self) -> dict[str, frozenset[str]]:
+        """For each gather step of the manifest, the steps that can feed it (gathering.upstream)."""
+        if not any(s.policy.gather for s in self.active):
+            return {}
+        return gathering.upstream([gathering.Shape(s.name, s.script, s.consumes, s.is_start, s.policy.gather)
+                                   for s in self.active])
 
     def require(self, name: str) -> CurrentStep:
         s = self.steps.get(name)
@@ -204,7 +221,8 @@ def register(db: Database, manifest: Manifest) -> Registration:
             else:
                 step_id, version = row["id"], row["version"]
             consumes = json.dumps(list(step.consumes))
-            policy = json.dumps(Policy(step.parallel, step.retries, step.retry_delay, step.timeout, step.schedule).__dict__)
+            policy = json.dumps(Policy(step.parallel, step.retries, step.retry_delay, step.timeout, step.schedule,
+                                       step.gather, step.settle, step.on_failure).__dict__)
             p = prev.get(step.name)
             db.execute(
                 """INSERT INTO step_current(name, step_id, consumes, policy, is_start, in_manifest, position)
@@ -221,8 +239,8 @@ def register(db: Database, manifest: Manifest) -> Registration:
                     reg.new_versions.append((step.name, old_version, version))
                 if p is not None:
                     switched.append((step.name, step_id))
-            if p is None or p["consumes"] != consumes or not p["in_manifest"]:
-                backfill.append(step.name)
+            if p is None or p["consumes"] != consumes or not p["in_manifest"] or _gathers(p) != step.gather:
+                backfill.append(step.name)  # (a step that stops gathering takes its inputs one by one again)
         gone = sorted(n for n in set(prev) - set(manifest.names) if prev[n]["in_manifest"])
         reg.removed = gone
         db.executemany("UPDATE step_current SET in_manifest=0 WHERE name=?", [(n,) for n in gone])
@@ -243,6 +261,23 @@ def register(db: Database, manifest: Manifest) -> Registration:
     return reg
 
 
+def _gathers(current_row) -> bool:
+    try:
+        return bool(json.loads(current_row["policy"]).get("gather", False))
+    except (ValueError, AttributeError):
+        return False
+
+
+def _is_gather_task(db: Database, task_id: int) -> bool:
+    return db.execute("SELECT 1 FROM gather_member WHERE task_id=? LIMIT 1", (task_id,)).fetchone() is not None
+
+
+def _fits(db: Database, pipe: Pipeline, task, name: str) -> bool:
+    """Can task `task` (of some version of step `name`) move to the current version? Not when one
+    of them gathers and the other does not: a per-input task means nothing to a gather step."""
+    return _is_gather_task(db, task["id"]) == pipe.steps[name].policy.gather
+
+
 def _follow_version(db: Database, pipe: Pipeline, name: str, step_id: int, reg: Registration, now: float) -> None:
     """The current version of `name` changed: pending work follows it, and results it already has count again."""
     old = db.execute(
@@ -251,6 +286,9 @@ def _follow_version(db: Database, pipe: Pipeline, name: str, step_id: int, reg: 
         (name, step_id),
     ).fetchall()
     for t in old:
+        if t["state"] == PENDING and not _fits(db, pipe, t, name):
+            db.execute("UPDATE task SET live=0 WHERE id=?", (t["id"],))  # never ran: nothing to retire
+            continue
         if t["state"] == PENDING:
             _take_over(db, pipe, t, step_id, now)
             reg.requeued[name] += 1
@@ -274,6 +312,9 @@ def _take_over(db: Database, pipe: Pipeline, old, step_id: int, now: float) -> s
          old["id"] if old["state"] == DONE else None, now),
     ).fetchone()
     if new_id is not None:
+        # a gather task's members go with it (nothing is copied for any other task)
+        db.execute("INSERT INTO gather_member(task_id, name, hash) SELECT ?, name, hash FROM gather_member "
+                   "WHERE task_id=?", (new_id[0], old["id"]))
         return "queued"
     twin = db.execute(
         "SELECT id, state FROM task WHERE step_id=? AND input_name=? AND input_hash=? AND seed=?",
@@ -299,8 +340,8 @@ def _take_over(db: Database, pipe: Pipeline, old, step_id: int, now: float) -> s
 
 def _backfill(db: Database, pipe: Pipeline, step: CurrentStep, now: float) -> int:
     """Create tasks for current outputs that `step` consumes and has never seen (a new step or new inputs)."""
-    if step.is_start:
-        return 0
+    if step.is_start or step.policy.gather:
+        return 0  # a gather step takes its inputs all at once (create_gather)
     exact = [p for p in step.consumes if not is_glob(p)]
     globs = [p for p in step.consumes if is_glob(p)]
     found: list = []
@@ -374,7 +415,14 @@ def migrate_tainted(db: Database) -> dict[str, Taint]:
                 (name, step_id),
             ).fetchall()
             for t in rows:
-                _take_over(db, pipe, t, step_id, now)
+                if _fits(db, pipe, t, name):
+                    _take_over(db, pipe, t, step_id, now)
+                else:
+                    # the step started or stopped gathering: the old result gives way at once, and the
+                    # new kind of task comes from the current outputs (create_gather, or a backfill)
+                    db.execute("UPDATE task SET live=0 WHERE id=?", (t["id"],))
+                    if t["state"] == DONE:
+                        _retire(db, _outputs(db, t["id"]))
         db.notify()
     return found
 
@@ -420,6 +468,11 @@ def submit(db: Database, items: list[tuple[str, str, int, str | None]], runset: 
         for name, h, size, step_name in items:
             db.execute("INSERT INTO object(hash, size) VALUES (?, ?) ON CONFLICT DO NOTHING", (h, size))
             targets = [pipe.require(step_name).name] if step_name else list(pipe.router.consumers(name))
+            gathers = [t for t in targets if pipe.steps[t].policy.gather]
+            if gathers and (step_name or len(gathers) == len(targets)):
+                raise UsageError(f"'{gathers[0]}' is a gather step: it takes every current output routed to it, "
+                                 f"not submitted files; submit to a step that feeds it")
+            targets = [t for t in targets if t not in gathers]
             if not targets:
                 raise UsageError(f"'{name}' routes to key '{route_key(name)}', which no step consumes; "
                                  f"name the step: submit STEP FILE")
@@ -827,6 +880,8 @@ def _activate(db: Database, pipe: Pipeline, parent: int, produced: list[tuple[st
                     unrouted[route_key(name)] += 1
                 continue
             for c in consumers:
+                if pipe.steps[c].policy.gather:
+                    continue  # gathered all at once, by create_gather
                 wanted.setdefault((pipe.steps[c].step_id, name, h), (c, runset, parent))
         if not wanted:
             continue
@@ -909,6 +964,194 @@ def invalidate(db: Database, step: str) -> int:
         if n:
             db.notify()
     return n
+
+
+# -- gather steps ------------------------------------------------------------------------
+#
+# A gather step's task is made here, not by routing: one task over the step's whole member set,
+# the current outputs routed to it, once nothing upstream can still change that set (the barrier).
+# The engine asks `gather_states` what is due, stores the listing object (gathering.listing), and
+# calls `create_gather`, which checks everything again inside its transaction. `serve` also waits
+# for a set to settle; that clock is the engine's (gatherer.py).
+
+
+@dataclass
+class GatherState:
+    step: str
+    on_failure: str
+    settle: float                                   # seconds `serve` lets a set settle before it fires
+    upstream: tuple[str, ...]                       # steps that can feed it (gathering.upstream)
+    busy: int = 0                                   # live upstream tasks pending or running
+    failed: int = 0                                 # live failed tasks of upstream steps' current versions
+    members: list[tuple[str, str]] | None = None    # the current set, sorted (None: not read while busy)
+    fired: list[tuple[str, str]] | None = None      # the set of its live gather task (None: it has none)
+    fired_task: int | None = None
+    waiting_for: str | None = None                  # a gather step upstream that has yet to fire
+
+    @property
+    def due(self) -> bool:
+        """The current set is not the one its live task gathered (an empty set is due only to clear one)."""
+        return self.members is not None and self.members != (self.fired or []) and bool(self.members or self.fired)
+
+    @property
+    def waiting(self) -> str | None:
+        """Why it cannot fire now, for people; None when the barrier holds."""
+        if self.busy:
+            return f"{self.busy} upstream task(s) pending or running"
+        if self.failed and self.on_failure == "wait":
+            return f"{self.failed} upstream task(s) failed (on_failure = \"wait\")"
+        if self.waiting_for:
+            return f"gather step '{self.waiting_for}' upstream of it has yet to fire"
+        return None
+
+    @property
+    def ready(self) -> bool:
+        return self.waiting is None and self.due
+
+
+def gather_states(db: Database, steps: Iterable[str] | None = None, *, full: bool = False) -> list[GatherState]:
+    """Where each gather step of the manifest stands, upstream gather steps first. The member set is
+    read only when the barrier holds (or with `full`, for status). Nothing when there are none."""
+    pipe = load_pipeline(db)
+    up = pipe.gather_upstream
+    if not up:
+        return []
+    versions: dict[str, list[int]] = {}
+    for step_id, name in db.execute("SELECT id, name FROM step"):
+        versions.setdefault(name, []).append(step_id)
+    wanted = None if steps is None else set(steps)
+    out: dict[str, GatherState] = {}
+    for g in gathering.firing_order(up):
+        st = _gather_state(db, pipe, g, versions, out, full=full)
+        out[g] = st
+    return [st for g, st in out.items() if wanted is None or g in wanted]
+
+
+def _gather_state(db: Database, pipe: Pipeline, g: str, versions: dict[str, list[int]],
+                  before: dict[str, GatherState], *, full: bool = False) -> GatherState:
+    """One gather step's state; `before` holds those of the gather steps ahead of it in firing order."""
+    up = pipe.gather_upstream[g]
+    step = pipe.steps[g]
+    st = GatherState(g, step.policy.on_failure, step.policy.settle, tuple(sorted(up)))
+    ids = [i for name in up for i in versions.get(name, ())]
+    for i in range(0, len(ids), 500):
+        chunk = ids[i:i + 500]
+        marks = ",".join("?" * len(chunk))
+        st.busy += db.execute(f"SELECT count(*) FROM task WHERE step_id IN ({marks}) AND live=1 "
+                              f"AND state IN ('pending', 'running')", chunk).fetchone()[0]
+    current = [pipe.steps[name].step_id for name in up if name in pipe.steps]
+    if current:
+        marks = ",".join("?" * len(current))
+        st.failed = db.execute(f"SELECT count(*) FROM task WHERE step_id IN ({marks}) AND live=1 AND state='failed'",
+                               current).fetchone()[0]
+    for h, other in before.items():
+        # an upstream gather step that is due and free to fire (settling, say) will change this set
+        if h in up and g not in pipe.gather_upstream.get(h, ()) and other.due \
+                and (other.waiting is None or other.waiting_for is not None):
+            st.waiting_for = h
+            break
+    if st.busy and not full:
+        return st
+    mine = versions.get(g, [])
+    marks = ",".join("?" * len(mine))
+    live = db.execute(f"""SELECT t.id FROM task t WHERE t.step_id IN ({marks}) AND t.live=1
+                          AND EXISTS (SELECT 1 FROM gather_member m WHERE m.task_id = t.id)
+                          ORDER BY t.id DESC LIMIT 1""", mine).fetchone()
+    if live is not None:
+        st.fired_task = live[0]
+        # sorted here, not by the database: PostgreSQL's collation need not be Python's (nor the listing's)
+        st.fired = sorted((r[0], r[1]) for r in db.execute("SELECT name, hash FROM gather_member WHERE task_id=?",
+                                                            (live[0],)))
+    st.members = _member_set(db, step, mine)
+    return st
+
+
+def _member_set(db: Database, step: CurrentStep, own_ids: list[int]) -> list[tuple[str, str]]:
+    """The current outputs a gather step consumes: of live done tasks, never its own (a gather step
+    whose outputs route back to it would otherwise fire for ever)."""
+    exact = [p for p in step.consumes if not is_glob(p)]
+    globs = [p for p in step.consumes if is_glob(p)]
+    own = set(own_ids)
+    found: set[tuple[str, str]] = set()
+    sql = """SELECT o.name, o.hash, t.step_id FROM output o JOIN task t ON t.id = o.task_id
+             WHERE t.live = 1 AND t.state = 'done'"""
+    for key in exact:
+        found.update((r[0], r[1]) for r in db.execute(sql + " AND o.key = ?", (key,)) if r[2] not in own)
+    if globs:
+        found.update((r[0], r[1]) for r in db.execute(sql) if r[2] not in own and matches(globs, r[0]))
+    return sorted(found)
+
+
+@dataclass(frozen=True)
+class Gathered:
+    step: str
+    task_id: int | None      # None: the set became empty and the previous result was retired
+    members: int
+    failed: int               # upstream tasks that failed and are left out (on_failure = "gather")
+    how: str                  # "queued" (a new task), "restored" (this set was gathered before), "cleared"
+
+
+def create_gather(db: Database, step: str, members: list[tuple[str, str]], listing: tuple[str, int] | None,
+                  ) -> Gathered | None:
+    """Make `step`'s task for this member set (`listing`: its listing object, stored already), if the
+    barrier still holds and the set is still the current one; None otherwise. The step's previous
+    gather task gives way: its outputs are retired when the new one commits, as after a migration.
+    A set gathered before gets its old task back (done: its results count again, nothing runs)."""
+    with db.transaction():
+        now = db.clock()
+        pipe = load_pipeline(db)
+        st = next((x for x in gather_states(db) if x.step == step), None)
+        if st is None or not st.ready or st.members != sorted(members):
+            return None
+        cur = pipe.steps[step]
+        mine = [r[0] for r in db.execute("SELECT id FROM step WHERE name=?", (step,))]
+        marks = ",".join("?" * len(mine))
+        old = db.execute(
+            f"""UPDATE task SET live=0 WHERE step_id IN ({marks}) AND live=1
+                  AND EXISTS (SELECT 1 FROM gather_member m WHERE m.task_id = task.id) RETURNING id, state, replaces""",
+            mine).fetchall()
+        # The result this task gives way to: the live one, or, when the live task never finished (it
+        # failed, or the set changed before it ran), the one that task was to replace, whose outputs
+        # are still current downstream and would otherwise stay so for good.
+        before = sorted({r["id"] for r in old if r["state"] == DONE}
+                        | {r["replaces"] for r in old if r["state"] != DONE and r["replaces"] is not None})
+        done_before = before[-1] if before else None
+        gone = _outputs(db, done_before) if done_before else []
+        if len(before) > 1:  # more than one result to replace (never made here): the others give way now
+            keep = set(gone)
+            _retire(db, [o for t in before[:-1] for o in _outputs(db, t) if o not in keep])
+        failed = st.failed if st.on_failure == "gather" else 0
+        if not members:
+            _retire(db, gone)
+            return Gathered(step, None, 0, failed, "cleared")
+        assert listing is not None
+        db.execute("INSERT INTO object(hash, size) VALUES (?, ?) ON CONFLICT DO NOTHING", listing)
+        row = db.execute(
+            """INSERT INTO task(step_id, input_name, input_hash, runset, replaces, created_at)
+               VALUES (?,?,?,'',?,?) ON CONFLICT DO NOTHING RETURNING id""",
+            (cur.step_id, GATHER_INPUT, listing[0], done_before, now)).fetchone()
+        if row is not None:
+            db.executemany("INSERT INTO gather_member(task_id, name, hash) VALUES (?,?,?)",
+                           [(row[0], n, h) for n, h in members])
+            db.notify()
+            return Gathered(step, row[0], len(members), failed, "queued")
+        twin = db.execute("SELECT id, state FROM task WHERE step_id=? AND input_name=? AND input_hash=? AND seed=''",
+                          (cur.step_id, GATHER_INPUT, listing[0])).fetchone()
+        if twin["state"] == DONE:
+            db.execute("UPDATE task SET live=1, replaces=NULL WHERE id=?", (twin["id"],))
+            outs = _outputs(db, twin["id"])
+            _activate(db, pipe, twin["id"], outs, "", Counter(), Counter(), now)
+            keep = set(outs)
+            _retire(db, [o for o in gone if o not in keep])
+            db.notify()
+        elif twin["state"] == FAILED:
+            # stays failed until `retry`; the previous result stays current until then, as it does
+            # when a new set's task fails
+            db.execute("UPDATE task SET live=1, replaces=? WHERE id=?", (done_before, twin["id"]))
+        else:
+            db.execute("UPDATE task SET live=1, replaces=? WHERE id=?", (done_before, twin["id"]))
+            db.notify()
+        return Gathered(step, twin["id"], len(members), failed, "restored" if twin["state"] == DONE else "queued")
 
 
 # -- what a run would do --------------------------------------------------------------

@@ -47,7 +47,8 @@ def test_build_graph_merges_observed_and_guessed_edges():
     assert not by[("fetch", "parse-it")].dashed
     assert by[("parse-it", "extra")].dashed and by[("parse-it", "extra")].observed == 0
     assert {n.name for n in g.nodes if n.removed} == {"old", "extra"}
-    assert g.to_json()["nodes"][0] == {"id": "fetch", "start": True, "terminal": False, "version": 1, "removed": False}
+    assert g.to_json()["nodes"][0] == {"id": "fetch", "start": True, "terminal": False, "version": 1, "removed": False,
+                                       "gather": False}
 
 
 def test_render_mermaid_and_dot():

@@ -160,6 +160,39 @@ def test_identity_ignores_policy_and_routing(change):
     assert ident(**change) == ident()
 
 
+def test_gathering_makes_a_new_version_and_its_policy_does_not():
+    assert ident(gather="true") != ident()
+    assert ident(gather="false") == ident()  # identities of steps that do not gather are what they always were
+    assert ident(gather="true", settle='"30s"', on_failure='"gather"') == ident(gather="true")
+
+
+def test_gather_keys_and_their_defaults():
+    s = one(gather="true")
+    assert (s.gather, s.settle, s.on_failure) == (True, 5.0, "wait")
+    s = one(gather="true", settle='"1500ms"', on_failure='"gather"')
+    assert (s.gather, s.settle, s.on_failure) == (True, 1.5, "gather")
+    assert one(gather="true", settle="0").settle == 0.0
+    assert not one().gather
+
+
+@pytest.mark.parametrize("keys, key, text", [
+    (dict(gather='"yes"'), "gather", "must be true or false, not a string ('yes')"),
+    (dict(gather="true", start="true"), "gather", "a start step takes no inputs, so it has nothing to gather"),
+    (dict(settle='"5s"'), "settle", "only a gather step (gather = true)"),
+    (dict(on_failure='"wait"'), "on_failure", "only a gather step (gather = true)"),
+    (dict(gather="true", on_failure='"wiat"'), "on_failure", 'did you mean "wait"?'),
+    (dict(gather="true", on_failure="1"), "on_failure", "not an integer (1)"),
+    (dict(gather="true", settle='"-1s"'), "settle", "is not a duration"),
+    (dict(gather="true", settle="-1"), "settle", "must be at least 0 seconds"),
+    (dict(gather="true", settle='"400d"'), "settle", "at most 365 days"),
+])
+def test_bad_gather_keys(keys, key, text):
+    body = "".join(f"{k} = {v}\n" for k, v in keys.items())
+    e = error(f'[[step]]\nname = "s"\nscript = "x"\n{body}')
+    assert (e.step, e.key) == ("s", key)
+    assert text in str(e)
+
+
 def test_identity_is_stable_and_ignores_env_order():
     a = ident(env='{ A = "1", B = "2" }')
     assert a == ident(env='{ B = "2", A = "1" }')

@@ -316,6 +316,7 @@ def test_every_command_works_on_a_postgresql_store(cli, tmp_path):
     cli.ok("run", m, *db)
     assert json.loads(cli.ok("migrate", m, *db, "--json").out)["shout"]["tasks"] == 4
     cli.ok("run", m, *db)
+    assert json.loads(cli.ok("check", "shout", *db, "--json").out)["identical"] == 4
     assert cli("retry", *db).returncode == 0
     assert json.loads(cli.ok("fsck", *db, "--json").out)["ok"]
     assert json.loads(cli.ok("gc", *db, "--json").out)["errors"] == []

@@ -208,6 +208,37 @@ def test_gc_on_a_bucket_keeps_young_unreferenced_objects(cli, s3_server, s3_buck
     assert json.loads(cli.ok("fsck", *db, "--json", env=env).out)["ok"]
 
 
+def test_gather_and_check_with_objects_in_a_bucket(cli, s3_server, s3_bucket):
+    """A gather task's listing is stored in the bucket and its members are downloaded (through the
+    host cache) into INPUT_DIR; check reads the recorded bytes of what differs from the bucket."""
+    db, env = on_s3(cli, s3_server, s3_bucket)
+    m = cli.manifest("""
+        [[step]]
+        name = "gen"
+        start = true
+        script = 'for i in 1 2 3; do echo "item $i" > "$OUTPUT_DIR/stamp_$i"; done'
+
+        [[step]]
+        name = "stamp"
+        script = '{ cat "$INPUT_FILE"; date +%s%N; } > "$OUTPUT_DIR/part_${INPUT_NAME#stamp_}"'
+
+        [[step]]
+        name = "all"
+        gather = true
+        inputs = ["part"]
+        script = 'head -qn1 "$INPUT_DIR"/* > "$OUTPUT_DIR/done_all"'
+        """)
+    cli.ok("run", m, *db, "--cache-size", "1M", env=env)
+    (row,) = json.loads(cli.ok("export", "done", *db, "--json", env=env).out)
+    assert cli.ok("cat", row["hash"], *db, env=env).out == "item 1\nitem 2\nitem 3\n"
+    assert "every one byte-identical" in cli.ok("check", "all", *db, "--cache-size", "1M", env=env).out
+    r = cli("check", "stamp", *db, "--json", env=env)
+    assert r.returncode == 1, r.err
+    tasks = json.loads(r.out)["tasks"]
+    assert len(tasks) == 3 and all(" item " in t["files"][0]["diff"] for t in tasks)
+    assert json.loads(cli.ok("fsck", *db, "--json", env=env).out)["ok"]
+
+
 @pytest.mark.backends
 def test_a_damaged_object_in_the_bucket_fails_its_task_by_name_and_the_cache_is_checked_too(
         cli, s3_server, s3_bucket, tmp_path, monkeypatch):

@@ -9,6 +9,7 @@ or the engine, and prints the result through report.py. The modules:
 - status.py: status, logs;
 - actions.py: submit, retry, invalidate;
 - housekeeping.py: gc, fsck;
+- check.py: check (is a step deterministic?);
 - manifests.py: validate, init, graph.
 
 Modules are imported when their command runs: `cat` should not pay for anyio.
@@ -35,6 +36,7 @@ HANDLERS = {
     "invalidate": ("actions", "cmd_invalidate"),
     "gc": ("housekeeping", "cmd_gc"),
     "fsck": ("housekeeping", "cmd_fsck"),
+    "check": ("check", "cmd_check"),
     "validate": ("manifests", "cmd_validate"),
     "init": ("manifests", "cmd_init"),
     "graph": ("manifests", "cmd_graph"),

@@ -103,10 +103,10 @@ def cmd_graph(a: Namespace, out: Output) -> int:
         pipe = state.load_pipeline(opened.db)
         observed = observed_edges(opened.db)
         versions = {s.name: s.version for s in pipe.steps.values()}
-        store_steps = [Node(s.name, start=s.is_start, version=s.version, removed=not s.in_manifest)
-                       for s in pipe.steps.values()]
+        store_steps = [Node(s.name, start=s.is_start, version=s.version, removed=not s.in_manifest,
+                            gather=s.policy.gather) for s in pipe.steps.values()]
     if manifest is not None:
-        steps = [Node(s.name, start=s.start, version=versions.get(s.name)) for s in manifest.steps]
+        steps = [Node(s.name, start=s.start, version=versions.get(s.name), gather=s.gather) for s in manifest.steps]
         guessed = guess_edges([(s.name, s.script, s.consumes) for s in manifest.steps])
     else:
         steps, guessed = store_steps, []

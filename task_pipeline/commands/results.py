@@ -189,9 +189,25 @@ def cmd_why(a: Namespace, out: Output) -> int:
     for n, chain in enumerate(chains):
         if n:
             out.print("")
-        for i, hop in enumerate(chain):
-            step = hop["step"] + (f" v{hop['version']}" if hop["version"] else "")
-            task = f"task {hop['task']}" if hop["task"] else "submitted"
-            old = "" if hop.get("live", True) else ", superseded"
-            out.print(one_line(f"{'  ' * i}{step} ({task}{old}) -> {hop['name']} {hop['object'][:12]}"))
+        _print_chain(chain, out, 0)
     return 0
+
+
+def _hop_text(hop: dict) -> str:
+    step = hop["step"] + (f" v{hop['version']}" if hop["version"] else "")
+    task = f"task {hop['task']}" if hop["task"] else "submitted"
+    old = "" if hop.get("live", True) else ", superseded"
+    return f"{step} ({task}{old})"
+
+
+def _print_chain(chain: list[dict], out: Output, indent: int) -> None:
+    """One hop a line, each further in; a gather task's hop is preceded by its members, one line each
+    (the chain that made it, start first), since a gather task has many inputs."""
+    for i, hop in enumerate(chain):
+        pad = "  " * (indent + i)
+        if hop.get("members") is not None:
+            out.print(one_line(f"{pad}{len(hop['members'])} member(s) gathered:"))
+            for m in hop["members"]:
+                path = " -> ".join(_hop_text(x) for x in m["lineage"] if x["task"])
+                out.print(one_line(f"{pad}  {(path + ' -> ') if path else ''}{m['name']} {m['object'][:12]}"))
+        out.print(one_line(f"{pad}{_hop_text(hop)} -> {hop['name']} {hop['object'][:12]}"))

@@ -58,7 +58,8 @@ def cmd_run(a: Namespace, out: Output) -> int:
     # dead runners' scratch goes even when there is nothing to run (cheap: one scandir)
     reap_dead_scratch(db, opened.loc.scratch, shared=not opened.loc.shared)
     ol = state.outlook(db, steps)
-    if ol.runnable == 0 and ol.next_due is None and ol.running == 0:
+    if ol.runnable == 0 and ol.next_due is None and ol.running == 0 \
+            and not any(g.ready for g in state.gather_states(db, steps)):
         # Nothing to do: skip starting the engine (the common case of a re-run, kept fast).
         return finish_run(opened, Summary(), a, out, steps, manifest)
     import anyio
@@ -114,6 +115,7 @@ def finish_run(opened: Opened, summary: Summary, a: Namespace, out: Output, step
                            f"they are kept as terminal outputs (list them with 'export --unrouted')")
     if summary.store_error:
         out.log("error", summary.store_error)
+    report_gathers(db, steps, out)
     counts = state.counts(db, ("pending", "running", "done", "failed"))
     left = {k: sum(c[k] for name, c in counts.items() if steps is None or name in steps)
             for k in ("pending", "running", "done", "failed")}
@@ -168,6 +170,21 @@ def finish_run(opened: Opened, summary: Summary, a: Namespace, out: Output, step
     if summary.store_error:
         return 3
     return EXIT_FAILED if failed else EXIT_OK
+
+
+def report_gathers(db, steps, out: Output) -> None:
+    """Gather steps that did not fire in this run although their set has changed, and why."""
+    for g in state.gather_states(db, steps):
+        why = g.waiting
+        if why is None or not (g.due or g.members is None):
+            continue
+        if g.failed and g.on_failure == "wait" and not g.busy:
+            hint = "; retry them once fixed, or set on_failure = \"gather\" to gather what succeeded"
+        elif g.busy and steps is not None:
+            hint = f" (steps upstream: {', '.join(g.upstream)}; this run was limited with -step)"
+        else:
+            hint = ""
+        out.log("warning", f"gather step '{g.step}' did not run: {why}{hint}")
 
 
 def _near(a: str, b: str) -> bool:

@@ -1,5 +1,8 @@
 """`status` and `logs`: what the store holds, per step and per task.
 
+Gather steps get a line each under the table: how many members their set has, and
+whether their task is up to date with it or why it waits (state.gather_states).
+
 `running` counts scripts that have started; `leased` counts tasks a runner has
 claimed whose script has not started yet (a runner claims a little ahead, so
 that a finishing worker finds its next task ready).
@@ -10,7 +13,7 @@ from __future__ import annotations
 import sys
 from argparse import Namespace
 
-from task_pipeline import queries
+from task_pipeline import queries, state
 from task_pipeline.commands.common import iso, open_store, print_json
 from task_pipeline.commands.run import last_stderr_line
 from task_pipeline.errors import StoreError, UsageError
@@ -31,8 +34,12 @@ def cmd_status(a: Namespace, out: Output) -> int:
     for f in failed:
         f["stderr"] = last_stderr_line(store, f["stderr_hash"])
     totals = {k: sum(c[k] for c in counts) for k in COLUMNS}
+    gathers = [{"step": g.step, "members": len(g.members or []), "gathered": None if g.fired is None else len(g.fired),
+                "task": g.fired_task, "due": g.due, "waiting": g.waiting if g.due else None}
+               for g in state.gather_states(db, full=True)]
     if a.json:
-        print_json({"store": opened.loc.describe(), "steps": counts, "totals": totals, "oldest_pending_age": age,
+        print_json({"store": opened.loc.describe(), "steps": counts, "totals": totals, "gathers": gathers,
+                    "oldest_pending_age": age,
                     "runners": [{**r, "started_at": iso(r["started_at"]), "heartbeat": iso(r["heartbeat"])}
                                 for r in queries.runners(db)],
                     "last_failures": [{**f, "finished_at": iso(f["finished_at"])} for f in failed]})
@@ -44,11 +51,24 @@ def cmd_status(a: Namespace, out: Output) -> int:
              c["last_error"] or ""] for c in show]
     rows.append(["total", "", *[totals[k] for k in cols], ""])
     out.print(table(None, ["step", "version", *cols, "last error"], rows, right=cols))
+    for g in gathers:
+        out.print(_gather_line(g))
     if age is not None:
         out.print(f"oldest pending task: {age:.0f}s old")
     if failed:
         out.print(failures_table(failed))
     return 0
+
+
+def _gather_line(g: dict) -> str:
+    text = f"gather step '{g['step']}': {g['members']} member(s)"
+    if not g["due"]:
+        return text + (f", gathered by task {g['task']}" if g["task"] else "")
+    if g["gathered"] is not None:
+        text += f" now, {g['gathered']} when task {g['task']} gathered them"
+    if g["waiting"]:
+        return text + f"; waits: {g['waiting']}"
+    return text + "; fires at the next run (under serve, once the set has settled)"
 
 
 def cmd_logs(a: Namespace, out: Output) -> int:
