@@ -412,6 +412,28 @@ def test_migrate_tainted_with_run_stays_valid(cli):
     assert steps(cli)["process"]["done"] == 2, r.err
 
 
+@pytest.mark.parametrize("spelling", [("-manifest", "{m}", "-migrate-tainted", "-run"), ("migrate", "{m}", "-run"),
+                                      ("migrate", "-manifest", "{m}", "--run")])
+def test_every_spelling_of_migrate_and_run_migrates_then_runs(cli, spelling):
+    text = """
+        [[step]]
+        name = "gen"
+        start = true
+        script = 'for i in 1 2; do echo $i > "$OUTPUT_DIR/work_$i"; done'
+
+        [[step]]
+        name = "work"
+        script = 'cat "$INPUT_FILE" > "$OUTPUT_DIR/done_$INPUT_NAME"'
+        """
+    m = cli.manifest(text)
+    cli.ok("run", m, "-db", cli.db)
+    cli.manifest(text.replace('cat "$INPUT_FILE"', 'tr 12 ab < "$INPUT_FILE"'))
+    cli.ok(*[a.format(m=m) for a in spelling], "-db", cli.db)
+    assert steps(cli)["work"]["tainted"] == 0 and steps(cli)["work"]["done"] == 2
+    done = json.loads(cli.ok("export", "done", "-db", cli.db, "--json").out)
+    assert sorted(Path(r["path"]).read_text() for r in done) == ["a\n", "b\n"]
+
+
 # -- 5. status counts running scripts, not leases -------------------------------------------------------
 
 

@@ -267,6 +267,7 @@ def report_migration(found: dict[str, state.Taint], a: Namespace, out: Output, *
 
 
 def cmd_migrate(a: Namespace, out: Output) -> int:
+    a.migrate_tainted = True  # `migrate M -run` is `-migrate-tainted -run` spelled as a command
     if a.run:
         return cmd_run(a, out) if not a.dry_run else dry_run(a, out, need_manifest(a), step_filter(a, need_manifest(a)))
     manifest = need_manifest(a) if a.manifest else None
