@@ -161,9 +161,11 @@ def cmd_check(a: Namespace, out: Output) -> int:
     else:
         scope = f"{len(results)} task(s) re-run" + (f" (a sample of {total} done)" if len(results) < total else "")
         if differ or failed:
-            out.print(f"{step.name} v{step.version}: {differ} of {scope} gave other bytes"
-                      + (f", {failed} failed" if failed else "")
-                      + "; early cutoff cannot stop a cascade at this step while it does that (see the README, 'check')")
+            what = [f"{differ} gave other bytes"] if differ else []
+            what += [f"{failed} failed"] if failed else []
+            out.print(f"{step.name} v{step.version}: of {scope}, {' and '.join(what)}"
+                      + ("; early cutoff cannot stop a cascade at this step while it does that (see the README, 'check')"
+                         if differ else ""))
         else:
             out.print(f"{step.name} v{step.version}: {scope}, every one byte-identical")
     return 1 if differ or failed else 0
