@@ -1,0 +1,492 @@
+"""The JSON API: routes under /api, each declared with its OpenAPI operation (openapi.py builds the
+document from them), and /metrics.
+
+Reads go through the web's own connection (reader.py); actions through state, as the commands do
+(submit registers as a writer while it stores the file, so that a concurrent gc keeps it). Lists
+are paged, logs are tails, objects are served whole only up to a size: no answer grows with the
+store.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+import anyio
+import anyio.to_thread
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+
+from task_pipeline import graph as graphs
+from task_pipeline import overview, queries, state
+from task_pipeline.errors import StoreError, UsageError
+from task_pipeline.overview import iso
+from task_pipeline.store import new_hasher
+from task_pipeline.web import openapi as oa
+from task_pipeline.web.context import (LOG_TAIL, MAX_JSON, MAX_LOG_TAIL, MAX_OBJECT, MAX_PAGE, MAX_UPLOAD, PAGE,
+                                       GRAPH_MAX_AGE, Problem, Web, from_usage)
+from task_pipeline.web.security import same_origin, simple_content_type
+
+HASH = re.compile(r"[0-9a-f]{64}")
+MAX_NAME = 255
+
+
+@dataclass(frozen=True)
+class ApiRoute:
+    path: str
+    method: str
+    endpoint: Callable
+    operation: dict
+
+
+def web_of(request: Request) -> Web:
+    return request.app.state.web
+
+
+# -- reading parameters ------------------------------------------------------------------------
+
+
+def int_param(request: Request, name: str, default: int | None, lo: int, hi: int) -> int | None:
+    raw = request.query_params.get(name)
+    if raw is None or raw == "":
+        return default
+    if not raw.isdigit() or len(raw) > 19 or not lo <= int(raw) <= hi:
+        raise Problem(400, f"{name}={raw[:40]!r}: give a whole number from {lo} to {hi}")
+    return int(raw)
+
+
+def bool_param(request: Request, name: str) -> bool:
+    raw = (request.query_params.get(name) or "false").lower()
+    if raw not in ("true", "false", "1", "0"):
+        raise Problem(400, f"{name}={raw[:40]!r}: give true or false")
+    return raw in ("true", "1")
+
+
+def text_param(request: Request, name: str, required: bool = False, limit: int = 200) -> str | None:
+    raw = request.query_params.get(name)
+    if raw is None or raw == "":
+        if required:
+            raise Problem(400, f"the query parameter {name} is required")
+        return None
+    if len(raw) > limit or "\x00" in raw:
+        raise Problem(400, f"{name}: at most {limit} characters, and no NUL")
+    return raw
+
+
+def full_hash(h: str) -> str:
+    if not HASH.fullmatch(h):
+        raise Problem(404, f"no object {h[:80]!r}: give an object's full hash (64 lowercase hex digits)")
+    return h
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    declared = request.headers.get("content-length")
+    if declared is not None and (not declared.isdigit() or int(declared) > limit):
+        raise Problem(413, f"the request body is larger than {limit} bytes")
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > limit:
+            raise Problem(413, f"the request body is larger than {limit} bytes")
+    return bytes(body)
+
+
+async def json_body(request: Request) -> dict:
+    body = await read_body(request, MAX_JSON)
+    try:
+        data = json.loads(body or b"{}")
+    except (ValueError, UnicodeDecodeError):
+        raise Problem(400, "the request body is not JSON; send an object such as {\"step\": \"process\"}") from None
+    if not isinstance(data, dict):
+        raise Problem(400, "the request body must be a JSON object, such as {\"step\": \"process\"}")
+    return data
+
+
+def may_act(request: Request, content_type: str) -> None:
+    """An API action: the bearer token (when there is one), the content type the action takes (a page
+    of another site cannot send it without a CORS preflight, which is never granted) and no other
+    Origin."""
+    web = web_of(request)
+    status = web.guard.bearer(request.headers.get("authorization"))
+    if status == 401:
+        raise Problem(401, "this action needs the daemon's token: send Authorization: Bearer TOKEN "
+                           "(the token is in the file given to --http-token-file)",
+                      {"WWW-Authenticate": 'Bearer realm="task-pipeline"'})
+    if status == 403:
+        raise Problem(403, "wrong token: send the one in the file given to serve --http-token-file")
+    given = (request.headers.get("content-type") or "").split(";", 1)[0].strip().lower()
+    if given != content_type or simple_content_type(given):
+        raise Problem(415, f"send this action's body as {content_type} (got {given[:60] or 'no content type'})")
+    if not same_origin(request.headers.get("origin"), request.headers.get("sec-fetch-site"), request.url.scheme,
+                       request.headers.get("host")):
+        raise Problem(403, "a request from another site may not act on this daemon")
+
+
+def step_text(value, name: str = "step", required: bool = False) -> str | None:
+    if value is None and not required:
+        return None
+    if not isinstance(value, str) or not value or len(value) > 200:
+        raise Problem(400, f"{name}: give a step name (a string of 1 to 200 characters)")
+    return value
+
+
+def dry_run_flag(data: dict) -> bool:
+    value = data.get("dry_run", False)
+    if not isinstance(value, bool):
+        raise Problem(400, "dry_run: give true or false")
+    return value
+
+
+# -- reads ----------------------------------------------------------------------------------------
+
+
+async def status_doc(web: Web) -> dict:
+    counts = await web.counts.get()
+    return await web.reader(overview.status, web.store, web.where, counts)
+
+
+async def get_status(request: Request) -> Response:
+    web = web_of(request)
+    doc = await status_doc(web)
+    return JSONResponse(doc, headers={"X-Counted-At": iso(web.counts.at) or ""})
+
+
+def _task_rows(db, **kw) -> dict:
+    page, nxt = queries.task_page(db, **kw)
+    for t in page:
+        for k in ("created_at", "finished_at", "started_at"):
+            t[k] = iso(t[k])
+    return {"tasks": page, "next": nxt}
+
+
+async def get_tasks(request: Request) -> Response:
+    web = web_of(request)
+    state_ = text_param(request, "state")
+    if state_ is not None and state_ not in queries.TASK_STATES:
+        raise Problem(400, f"state={state_[:40]!r}: use one of {', '.join(queries.TASK_STATES)}")
+    kw = dict(step=text_param(request, "step"), state=state_, before=int_param(request, "before", None, 1, 2 ** 63 - 1),
+              limit=int_param(request, "limit", PAGE, 1, MAX_PAGE), history=bool_param(request, "history"))
+    try:
+        return JSONResponse(await web.reader(_task_rows, **kw))
+    except UsageError as e:
+        raise from_usage(e) from None
+
+
+def log_tail(store, h: str | None, limit: int) -> dict | None:
+    """The last `limit` bytes of a log object, from the start of a line; None if it is not there."""
+    if not h or not store.has(h):
+        return None
+    try:
+        with store.open(h) as f:
+            size = os.fstat(f.fileno()).st_size
+            f.seek(max(size - limit, 0))
+            data = f.read(limit)
+    except (OSError, StoreError):
+        return None
+    if size > len(data) and b"\n" in data:
+        data = data.split(b"\n", 1)[1]
+    return {"hash": h, "size": size, "tail": data.decode("utf-8", "replace"), "truncated": size > len(data)}
+
+
+def task_story(db, store, task_id: int, tail: int) -> dict:
+    info = queries.task_attempts(db, task_id)
+    for at in info["attempts"]:
+        at["started_at"], at["finished_at"] = iso(at["started_at"]), iso(at["finished_at"])
+        at["stdout"] = log_tail(store, at["stdout_hash"], tail)
+        at["stderr"] = log_tail(store, at["stderr_hash"], tail)
+    info["outputs"] = queries.task_outputs(db, task_id)
+    info["origin"] = queries.task_origin(db, task_id)
+    return info
+
+
+async def get_task(request: Request) -> Response:
+    web = web_of(request)
+    task_id = request.path_params["task_id"]
+    tail = int_param(request, "tail", LOG_TAIL, 0, MAX_LOG_TAIL)
+    try:
+        return JSONResponse(await web.reader(task_story, web.store, task_id, tail))
+    except UsageError as e:
+        raise from_usage(e) from None
+
+
+def _object_bytes(db, store, h: str) -> bytes:
+    size = queries.object_size(db, h)
+    if size is None:
+        raise Problem(404, f"no object {h} in this store")
+    if size > MAX_OBJECT:
+        raise Problem(413, f"object {h} has {size} bytes, more than the {MAX_OBJECT} this API serves; "
+                           f"use 'task-pipeline cat {h}' on the daemon's host")
+    data = bytearray()
+    with store.open(h) as f:
+        while chunk := f.read(1 << 20):
+            data += chunk
+            if len(data) > MAX_OBJECT:
+                raise Problem(413, f"object {h} is larger than the {MAX_OBJECT} bytes this API serves")
+    hasher = new_hasher(store.algo, len(data))
+    hasher.update(data)
+    if hasher.hexdigest() != h:
+        raise StoreError(f"object {h} is damaged: its bytes hash to something else; run 'task-pipeline fsck'")
+    return bytes(data)
+
+
+async def get_object(request: Request) -> Response:
+    """An object's bytes: only a full hash the database knows, read through the store (which opens
+    it without following links), checked against its hash before anything is sent."""
+    web = web_of(request)
+    h = full_hash(request.path_params["hash"])
+    data = await web.reader(_object_bytes, web.store, h)
+    return Response(data, media_type="application/octet-stream",
+                    headers={"Content-Disposition": f'attachment; filename="{h}"'})
+
+
+async def get_lineage(request: Request) -> Response:
+    web = web_of(request)
+    h = full_hash(request.path_params["hash"])
+    history = bool_param(request, "history")
+
+    def read(db) -> dict:
+        if queries.object_size(db, h) is None:
+            raise Problem(404, f"no object {h} in this store")
+        return {"object": h, "chains": queries.lineages(db, h, history=history)}
+
+    try:
+        return JSONResponse(await web.reader(read))
+    except UsageError as e:
+        raise from_usage(e) from None
+
+
+def step_graph(db) -> dict:
+    """Nodes and edges as `graph --json` gives them for the store: the registered steps, observed
+    routing, and edges guessed from the registered scripts."""
+    pipe = state.load_pipeline(db)
+    nodes = [graphs.Node(s.name, start=s.is_start, version=s.version, removed=not s.in_manifest)
+             for s in pipe.steps.values()]
+    guessed = graphs.guess_edges([(s.name, s.script, s.consumes) for s in pipe.active])
+    return graphs.build_graph(nodes, graphs.observed_edges(db), guessed).to_json()
+
+
+def _generation(db) -> str | None:
+    return state.meta(db, "generation")
+
+
+async def graph_json(web: Web) -> dict:
+    """The graph, reused for GRAPH_MAX_AGE seconds while the registered pipeline stays the same:
+    its observed edges count every task, which a poll must not pay for."""
+    gen = await web.reader(_generation)
+    cached = web.graph
+    if cached is not None and cached[1] == gen and time.monotonic() - cached[0] < GRAPH_MAX_AGE:
+        return cached[2]
+    g = await web.reader(step_graph)
+    web.graph = (time.monotonic(), gen, g)
+    return g
+
+
+async def get_graph(request: Request) -> Response:
+    return JSONResponse(await graph_json(web_of(request)))
+
+
+async def get_openapi(request: Request) -> Response:
+    return JSONResponse(oa.document(ROUTES))
+
+
+async def get_metrics(request: Request) -> Response:
+    web = web_of(request)
+    counts = await web.counts.get()
+
+    def read(db):
+        return queries.oldest_pending_age(db), queries.runners(db)
+
+    age, runners = await web.reader(read)
+    web.metrics.scraped(counts, age, runners)
+    body, ctype = web.metrics.exposition()
+    return Response(body, media_type=ctype.split(";")[0], headers={"Content-Type": ctype})
+
+
+# -- actions ---------------------------------------------------------------------------------------
+
+
+def retry(db, step: str | None, dry_run: bool) -> dict:
+    if dry_run:
+        found = state.dry_run(db, state.retry_failed, step)
+    else:
+        with state.writing(db, "retry"):
+            found = state.retry_failed(db, step)
+    return {"dry_run": dry_run, "tasks": sum(found.values()), "steps": dict(found)}
+
+
+def invalidate(db, step: str, dry_run: bool) -> dict:
+    if dry_run:
+        n = state.dry_run(db, state.invalidate, step)
+    else:
+        with state.writing(db, "invalidate"):
+            n = state.invalidate(db, step)
+    return {"dry_run": dry_run, "step": step, "tasks": n}
+
+
+async def act(web: Web, fn: Callable, *args) -> dict:
+    try:
+        result = await web.reader(fn, *args)
+    except UsageError as e:
+        raise from_usage(e) from None
+    web.counts.discard()
+    return result
+
+
+async def post_retry(request: Request) -> Response:
+    may_act(request, "application/json")
+    data = await json_body(request)
+    return JSONResponse(await act(web_of(request), retry, step_text(data.get("step")), dry_run_flag(data)))
+
+
+async def post_invalidate(request: Request) -> Response:
+    may_act(request, "application/json")
+    data = await json_body(request)
+    return JSONResponse(await act(web_of(request), invalidate, step_text(data.get("step"), required=True),
+                                  dry_run_flag(data)))
+
+
+def file_name(name: str) -> str:
+    if name in (".", "..") or "/" in name or len(name.encode("utf-8", "surrogatepass")) > MAX_NAME:
+        raise Problem(400, f"name={name[:60]!r}: give a file name (no '/', at most {MAX_NAME} bytes)")
+    return name
+
+
+def _check_target(db, name: str, step: str | None) -> None:
+    pipe = state.load_pipeline(db)
+    if step is not None:
+        pipe.require(step)
+    elif not pipe.router.consumers(name):
+        from task_pipeline.routing import route_key
+
+        raise UsageError(f"'{name}': its route key '{route_key(name)}' is consumed by no step; give step=STEP")
+
+
+def _submit_file(db, store, fd: int, tmp: str, name: str, step: str | None, runset: str) -> dict:
+    with state.writing(db, "submit"):
+        h, size = store.ingest_fd(fd, tmp)
+        ((_, made),) = state.submit(db, [(name, h, size, step)], runset)
+    return {"name": name, "hash": h, "size": size, "new_tasks": made}
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
+
+
+async def post_submit(request: Request) -> Response:
+    """The request's body is the file: stored as an object (hashed, checked into the store), then
+    queued as an input of `step`, or of the steps its name routes to."""
+    may_act(request, "application/octet-stream")
+    web = web_of(request)
+    name = file_name(text_param(request, "name", required=True, limit=1024))
+    route = bool_param(request, "route")
+    step = text_param(request, "step")
+    runset = text_param(request, "runset") or ""
+    if (step is None) != route:
+        raise Problem(400, "give step=STEP, or route=true to route the file by its name")
+    try:
+        await web.reader(_check_target, name, step)
+    except UsageError as e:
+        raise from_usage(e) from None
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > MAX_UPLOAD:
+        raise Problem(413, f"the file is larger than {MAX_UPLOAD} bytes; submit it with 'task-pipeline submit' "
+                           f"on the daemon's host")
+    tmp = web.store.tmp_file("upload")
+    fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    try:
+        n = 0
+        async for chunk in request.stream():
+            n += len(chunk)
+            if n > MAX_UPLOAD:
+                raise Problem(413, f"the file is larger than {MAX_UPLOAD} bytes; submit it with "
+                                   f"'task-pipeline submit' on the daemon's host")
+            await anyio.to_thread.run_sync(_write_all, fd, chunk)
+        os.lseek(fd, 0, os.SEEK_SET)
+        result = await act(web, _submit_file, web.store, fd, tmp, name, step, runset)
+    finally:
+        os.close(fd)
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass   # moved into the store
+    return JSONResponse(result)
+
+
+# -- the routes and their operations ------------------------------------------------------------------
+
+_STEP = oa.query("step", {"type": "string", "maxLength": 200}, "only this step's tasks (every version of it)")
+ROUTES: list[ApiRoute] = [
+    ApiRoute("/api/status", "get", get_status, {
+        "summary": "Tasks per step and state, runners, the last failures: what `status --json` prints",
+        "operationId": "status",
+        "description": "Counts come from a snapshot at most about a second old (its time is in the "
+                       "X-Counted-At header); an action through this API is counted at once.",
+        "responses": {"200": oa.json_response("Status")}}),
+    ApiRoute("/api/tasks", "get", get_tasks, {
+        "summary": "Tasks, newest first, a page at a time", "operationId": "tasks",
+        "parameters": [_STEP,
+                       oa.query("state", {"type": "string", "enum": list(queries.TASK_STATES)}, "only tasks in this state"),
+                       oa.query("limit", {"type": "integer", "minimum": 1, "maximum": MAX_PAGE, "default": PAGE},
+                                "tasks per page"),
+                       oa.query("before", {"type": "integer", "minimum": 1}, "the `next` of the previous page"),
+                       oa.query("history", {"type": "boolean"}, "include superseded tasks")],
+        "responses": {"200": oa.json_response("TaskPage"), "404": oa.error("no such step")}}),
+    ApiRoute("/api/tasks/{task_id}", "get", get_task, {
+        "summary": "One task: its attempts with exit codes and the tails of their logs, outputs, and where its "
+                   "input came from", "operationId": "task",
+        "parameters": [oa.path_param("task_id", {"type": "integer", "minimum": 1, "maximum": 2 ** 63 - 1}, "the task"),
+                       oa.query("tail", {"type": "integer", "minimum": 0, "maximum": MAX_LOG_TAIL, "default": LOG_TAIL},
+                                "bytes of each log")],
+        "responses": {"200": oa.json_response("Task"), "404": oa.error("no such task")}}),
+    ApiRoute("/api/objects/{hash}", "get", get_object, {
+        "summary": f"An object's bytes (up to {MAX_OBJECT} bytes), checked against its hash", "operationId": "object",
+        "parameters": [oa.path_param("hash", {"type": "string"}, "the object's full hash")],
+        "responses": {"200": {"description": "the object", "content": {"application/octet-stream": {
+                          "schema": {"type": "string", "format": "binary"}}}},
+                      "404": oa.error("no such object"), "413": oa.error("too large to serve here")}}),
+    ApiRoute("/api/objects/{hash}/lineage", "get", get_lineage, {
+        "summary": "Every chain of tasks that produced an object (`why`)", "operationId": "lineage",
+        "parameters": [oa.path_param("hash", {"type": "string"}, "the object's full hash"),
+                       oa.query("history", {"type": "boolean"}, "include superseded producers")],
+        "responses": {"200": oa.json_response("Lineage"), "404": oa.error("no such object, or nothing produced it")}}),
+    ApiRoute("/api/graph", "get", get_graph, {
+        "summary": "The step graph: steps, observed routing and edges guessed from the scripts (`graph --json`)",
+        "operationId": "graph", "responses": {"200": oa.json_response("Graph")}}),
+    ApiRoute("/api/retry", "post", post_retry, {
+        "summary": "Re-queue failed tasks, of one step or all (`retry`)", "operationId": "retry",
+        "security": [{"bearer": []}],
+        "requestBody": {"required": True, "content": {"application/json": {"schema": oa._ref("RetryRequest")}}},
+        "responses": {"200": oa.json_response("RetryResult"), "404": oa.error("no such step"),
+                      "413": oa.error("the body is too large")}}),
+    ApiRoute("/api/invalidate", "post", post_invalidate, {
+        "summary": "Re-run a step's current tasks (`invalidate`)", "operationId": "invalidate",
+        "security": [{"bearer": []}],
+        "requestBody": {"required": True, "content": {"application/json": {"schema": oa._ref("InvalidateRequest")}}},
+        "responses": {"200": oa.json_response("InvalidateResult"), "404": oa.error("no such step"),
+                      "413": oa.error("the body is too large")}}),
+    ApiRoute("/api/submit", "post", post_submit, {
+        "summary": "Add a file as an input (`submit`): the body is the file", "operationId": "submit",
+        "security": [{"bearer": []}],
+        "parameters": [oa.query("name", {"type": "string", "minLength": 1, "maxLength": MAX_NAME}, "the file's name",
+                                required=True),
+                       oa.query("step", {"type": "string", "maxLength": 200}, "the step to queue it for"),
+                       oa.query("route", {"type": "boolean"}, "route it by its name instead of naming the step"),
+                       oa.query("runset", {"type": "string", "maxLength": 200}, "the runset of the new tasks")],
+        "requestBody": {"required": True, "content": {"application/octet-stream": {
+            "schema": {"type": "string", "format": "binary"}}}},
+        "responses": {"200": oa.json_response("SubmitResult"), "404": oa.error("no such step"),
+                      "413": oa.error(f"larger than {MAX_UPLOAD} bytes")}}),
+    ApiRoute("/api/openapi.json", "get", get_openapi, {
+        "summary": "This document", "operationId": "openapi",
+        "responses": {"200": {"description": "OpenAPI 3.0", "content": {"application/json": {"schema": {"type": "object"}}}}}}),
+    ApiRoute("/metrics", "get", get_metrics, {
+        "summary": "Prometheus metrics", "operationId": "metrics",
+        "responses": {"200": {"description": "Prometheus text exposition format",
+                              "content": {"text/plain": {"schema": {"type": "string"}}}}}}),
+]
