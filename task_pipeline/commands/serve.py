@@ -86,8 +86,8 @@ def _web(http, opened: Opened, reporter, out: Output):
     where, sock, token = http
     reader = Reader(opened.db.sibling)
     metrics = Metrics()
-    ctx = Web(reader, Counts(reader), opened.store, opened.loc.describe(), Guard(token, where.hosts()), metrics,
-              app.templates())
+    ctx = Web(reader, Counts(reader), opened.store, opened.loc.describe(), opened.loc.scratch,
+              Guard(token, where.hosts()), metrics, app.templates())
     asgi = app.build(ctx, out.log)
 
     def ready(tg) -> None:

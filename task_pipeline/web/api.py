@@ -9,9 +9,10 @@ store.
 
 from __future__ import annotations
 
+import io
 import json
-import os
 import re
+import tempfile
 import time
 from dataclasses import dataclass
 from typing import Callable
@@ -25,7 +26,6 @@ from task_pipeline import graph as graphs
 from task_pipeline import overview, queries, state
 from task_pipeline.errors import StoreError, UsageError
 from task_pipeline.overview import iso
-from task_pipeline.store import new_hasher
 from task_pipeline.web import openapi as oa
 from task_pipeline.web.context import (LOG_TAIL, MAX_JSON, MAX_LOG_TAIL, MAX_OBJECT, MAX_PAGE, MAX_UPLOAD, PAGE,
                                        GRAPH_MAX_AGE, Problem, Web, from_usage)
@@ -177,14 +177,11 @@ async def get_tasks(request: Request) -> Response:
 
 
 def log_tail(store, h: str | None, limit: int) -> dict | None:
-    """The last `limit` bytes of a log object, from the start of a line; None if it is not there."""
-    if not h or not store.has(h):
+    """The last `limit` bytes of a log object, from the start of a line; None if it cannot be read."""
+    if not h:
         return None
     try:
-        with store.open(h) as f:
-            size = os.fstat(f.fileno()).st_size
-            f.seek(max(size - limit, 0))
-            data = f.read(limit)
+        data, size = store.read_tail(h, limit)
     except (OSError, StoreError):
         return None
     if size > len(data) and b"\n" in data:
@@ -213,6 +210,15 @@ async def get_task(request: Request) -> Response:
         raise from_usage(e) from None
 
 
+class _Capped(io.BytesIO):
+    """Where an object is copied to: a file bigger than the database says (damaged) stops at the cap."""
+
+    def write(self, data) -> int:
+        if self.tell() + len(data) > MAX_OBJECT:
+            raise Problem(413, f"the object is larger than the {MAX_OBJECT} bytes this API serves")
+        return super().write(data)
+
+
 def _object_bytes(db, store, h: str) -> bytes:
     size = queries.object_size(db, h)
     if size is None:
@@ -220,17 +226,9 @@ def _object_bytes(db, store, h: str) -> bytes:
     if size > MAX_OBJECT:
         raise Problem(413, f"object {h} has {size} bytes, more than the {MAX_OBJECT} this API serves; "
                            f"use 'task-pipeline cat {h}' on the daemon's host")
-    data = bytearray()
-    with store.open(h) as f:
-        while chunk := f.read(1 << 20):
-            data += chunk
-            if len(data) > MAX_OBJECT:
-                raise Problem(413, f"object {h} is larger than the {MAX_OBJECT} bytes this API serves")
-    hasher = new_hasher(store.algo, len(data))
-    hasher.update(data)
-    if hasher.hexdigest() != h:
-        raise StoreError(f"object {h} is damaged: its bytes hash to something else; run 'task-pipeline fsck'")
-    return bytes(data)
+    out = _Capped()
+    store.stream(h, out)   # checks the bytes against the hash: a damaged object is an error, not an answer
+    return out.getvalue()
 
 
 async def get_object(request: Request) -> Response:
@@ -365,22 +363,17 @@ def _check_target(db, name: str, step: str | None) -> None:
         raise UsageError(f"'{name}': its route key '{route_key(name)}' is consumed by no step; give step=STEP")
 
 
-def _submit_file(db, store, fd: int, tmp: str, name: str, step: str | None, runset: str) -> dict:
+def _submit_file(db, store, f, name: str, step: str | None, runset: str) -> dict:
     with state.writing(db, "submit"):
-        h, size = store.ingest_fd(fd, tmp)
+        h, size = store.ingest_stream(f)
         ((_, made),) = state.submit(db, [(name, h, size, step)], runset)
     return {"name": name, "hash": h, "size": size, "new_tasks": made}
 
 
-def _write_all(fd: int, data: bytes) -> None:
-    view = memoryview(data)
-    while view:
-        view = view[os.write(fd, view):]
-
-
 async def post_submit(request: Request) -> Response:
-    """The request's body is the file: stored as an object (hashed, checked into the store), then
-    queued as an input of `step`, or of the steps its name routes to."""
+    """The request's body is the file: spooled to an unnamed file in the scratch directory, stored as
+    an object (hashed on the way in), then queued as an input of `step`, or of the steps its name
+    routes to."""
     may_act(request, "application/octet-stream")
     web = web_of(request)
     name = file_name(text_param(request, "name", required=True, limit=1024))
@@ -393,28 +386,21 @@ async def post_submit(request: Request) -> Response:
         await web.reader(_check_target, name, step)
     except UsageError as e:
         raise from_usage(e) from None
+    too_big = Problem(413, f"the file is larger than {MAX_UPLOAD} bytes; submit it with 'task-pipeline submit' "
+                           f"on the daemon's host")
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > MAX_UPLOAD:
-        raise Problem(413, f"the file is larger than {MAX_UPLOAD} bytes; submit it with 'task-pipeline submit' "
-                           f"on the daemon's host")
-    tmp = web.store.tmp_file("upload")
-    fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
-    try:
+        raise too_big
+    with tempfile.TemporaryFile(dir=web.scratch) as f:
         n = 0
         async for chunk in request.stream():
             n += len(chunk)
             if n > MAX_UPLOAD:
-                raise Problem(413, f"the file is larger than {MAX_UPLOAD} bytes; submit it with "
-                                   f"'task-pipeline submit' on the daemon's host")
-            await anyio.to_thread.run_sync(_write_all, fd, chunk)
-        os.lseek(fd, 0, os.SEEK_SET)
-        result = await act(web, _submit_file, web.store, fd, tmp, name, step, runset)
-    finally:
-        os.close(fd)
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass   # moved into the store
+                raise too_big
+            await anyio.to_thread.run_sync(f.write, chunk)
+        await anyio.to_thread.run_sync(f.flush)
+        f.seek(0)
+        result = await act(web, _submit_file, web.store, f, name, step, runset)
     return JSONResponse(result)
 
 

@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from task_pipeline.errors import UsageError
-from task_pipeline.store import Store
+from task_pipeline.store import ObjectStore
 from task_pipeline.web.metrics import Metrics
 from task_pipeline.web.reader import Counts, Reader
 from task_pipeline.web.security import Guard
@@ -41,8 +42,9 @@ def from_usage(e: UsageError) -> Problem:
 class Web:
     reader: Reader
     counts: Counts
-    store: Store
+    store: ObjectStore
     where: str                 # the store, as status names it
+    scratch: Path              # private to this host: uploads are spooled here
     guard: Guard
     metrics: Metrics
     templates: object          # starlette.templating.Jinja2Templates
