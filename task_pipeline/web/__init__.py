@@ -19,7 +19,7 @@ The extra's libraries (Starlette, Hypercorn, Jinja2, prometheus_client) are impo
 
 from __future__ import annotations
 
-import importlib.util
+import importlib
 
 from task_pipeline.errors import UsageError
 
@@ -28,6 +28,11 @@ INSTALL = "pip install 'task-pipeline[web]'"
 
 
 def require() -> None:
-    missing = [m for m in EXTRA if importlib.util.find_spec(m) is None]
+    missing = []
+    for name in EXTRA:
+        try:
+            importlib.import_module(name)
+        except ImportError:
+            missing.append(name)
     if missing:
         raise UsageError(f"--http needs the web extra ({', '.join(missing)} not installed): {INSTALL}")
