@@ -76,6 +76,11 @@ class Guarded:
         return resp
 
 
+def _has_body(request: Request) -> bool:
+    h = request.headers
+    return h.get("content-length", "0") != "0" or "transfer-encoding" in h
+
+
 def _wants_json(request: Request) -> bool:
     return request.url.path.startswith("/api/") or request.url.path == "/metrics"
 
@@ -83,6 +88,10 @@ def _wants_json(request: Request) -> bool:
 def build(web: Web, log: Callable[[str, str], None]) -> Starlette:
     def answer(request: Request, status: int, message: str, headers: dict | None = None) -> Response:
         message = one_line(message)
+        if _has_body(request):
+            # answered perhaps before its body was read: the server closes the connection after this
+            # answer, and says so, or a keep-alive client sends its next request into the closing socket
+            headers = {**(headers or {}), "Connection": "close"}
         if _wants_json(request):
             return JSONResponse({"error": message}, status_code=status, headers=headers)
         return web.templates.TemplateResponse(request, "error.html", {"status": status, "message": message},
