@@ -300,8 +300,8 @@ async def get_metrics(request: Request) -> Response:
 
     age, runners = await web.reader(read)
     web.metrics.scraped(counts, age, runners)
-    body, ctype = web.metrics.exposition()
-    return Response(body, media_type=ctype.split(";")[0], headers={"Content-Type": ctype})
+    body, ctype = web.metrics.exposition(request.headers.get("accept"))
+    return Response(body, headers={"Content-Type": ctype})
 
 
 # -- actions ---------------------------------------------------------------------------------------
@@ -473,6 +473,7 @@ ROUTES: list[ApiRoute] = [
         "responses": {"200": {"description": "OpenAPI 3.0", "content": {"application/json": {"schema": {"type": "object"}}}}}}),
     ApiRoute("/metrics", "get", get_metrics, {
         "summary": "Prometheus metrics", "operationId": "metrics",
-        "responses": {"200": {"description": "Prometheus text exposition format",
-                              "content": {"text/plain": {"schema": {"type": "string"}}}}}}),
+        "responses": {"200": {"description": "Prometheus text format, or OpenMetrics when the Accept header asks",
+                              "content": {"text/plain": {"schema": {"type": "string"}},
+                                          "application/openmetrics-text": {"schema": {"type": "string"}}}}}}),
 ]

@@ -75,10 +75,13 @@ class Metrics:
         for kind, n in kinds.items():
             self.runners.labels(kind).set(n)
 
-    def exposition(self) -> tuple[bytes, str]:
-        from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+    def exposition(self, accept: str | None) -> tuple[bytes, str]:
+        """The metrics in the format the scraper asks for: OpenMetrics when its Accept header prefers
+        it (Prometheus does), else the text format."""
+        from prometheus_client.exposition import choose_encoder
 
-        return generate_latest(self.registry), CONTENT_TYPE_LATEST
+        encode, content_type = choose_encoder(accept or "")
+        return encode(self.registry), content_type
 
     # -- fed by the engine ----------------------------------------------------------------
 
