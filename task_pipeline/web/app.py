@@ -29,7 +29,8 @@ HEADERS = {
                                "connect-src 'self'; form-action 'self'; frame-ancestors 'none'; base-uri 'none'",
     "x-content-type-options": "nosniff",
     "x-frame-options": "DENY",
-    "referrer-policy": "no-referrer",
+    # not no-referrer: under it a browser's form posts carry `Origin: null`, which the CSRF check refuses
+    "referrer-policy": "same-origin",
     "cache-control": "no-store",
 }
 
