@@ -7,10 +7,12 @@ and runs its queries on a thread under a limiter of its own, one at a time. A lo
 
 Counting every task by step and state is the only read whose cost grows with the store (tens of
 milliseconds at a million tasks, on SQLite as on PostgreSQL). The dashboard asks every two
-seconds, and Prometheus at each scrape, so the counts are a shared snapshot: a request answers
-from it, and one that finds it older than MAX_AGE, with the store changed since, starts a recount
-in the background (one at a time) and answers from the snapshot meanwhile. The web's own actions
-discard it, so that an action's effect shows in the next answer.
+seconds, and Prometheus at each scrape, so the counts are a shared snapshot: a request that finds
+it older than MAX_AGE, with the store changed since, starts a recount (one at a time). It waits for
+it when counting is cheap (the last count took under WAIT_FOR: a store of up to some hundred
+thousand tasks), so that the page shows what is; otherwise it answers from the snapshot and the
+recount finishes in the background. The web's own actions discard the snapshot, so that an
+action's effect shows in the next answer.
 """
 
 from __future__ import annotations
@@ -24,7 +26,8 @@ import anyio.to_thread
 from task_pipeline import queries
 from task_pipeline.db import Database, DatabaseUnavailable
 
-MAX_AGE = 1.0   # seconds a counts snapshot is served before a recount is started
+MAX_AGE = 1.0    # seconds a counts snapshot is served before a recount is started
+WAIT_FOR = 0.02  # a request waits for a recount that is expected to take less than this (seconds)
 
 
 class Reader:
@@ -59,9 +62,11 @@ def _change_token(db: Database):
     return version() if version is not None else None
 
 
-def _count(db: Database) -> tuple[list[dict], object]:
+def _count(db: Database) -> tuple[list[dict], object, float]:
     token = _change_token(db)
-    return queries.step_counts(db), token
+    began = time.monotonic()
+    counts = queries.step_counts(db)
+    return counts, token, time.monotonic() - began
 
 
 class Counts:
@@ -71,8 +76,9 @@ class Counts:
         self.at = 0.0            # time.time() of the count
         self._mono = 0.0
         self._token: object = None
+        self._cost = 0.0         # seconds the last count took
         self._gen = 0            # bumped by discard: a count begun before it is not stored
-        self._busy = False
+        self._recount: anyio.Event | None = None   # set when the recount under way ends
         self.tg = None           # set by the app's lifespan: the task group recounts run in
 
     async def get(self) -> list[dict]:
@@ -83,9 +89,11 @@ class Counts:
             counted = await self.reader(_count)
             if gen == self._gen or tries == 2:
                 self._store(counted)
-        if time.monotonic() - self._mono > MAX_AGE and not self._busy and self.tg is not None:
-            self._busy = True
-            self.tg.start_soon(self._refresh_if_changed)
+        if time.monotonic() - self._mono > MAX_AGE and self._recount is None and self.tg is not None:
+            self._recount = anyio.Event()
+            self.tg.start_soon(self._refresh_if_changed, self._recount)
+        if self._recount is not None and self._cost < WAIT_FOR:
+            await self._recount.wait()
         assert self.value is not None
         return self.value
 
@@ -93,7 +101,7 @@ class Counts:
         self.value = None
         self._gen += 1
 
-    async def _refresh_if_changed(self) -> None:
+    async def _refresh_if_changed(self, done: anyio.Event) -> None:
         gen = self._gen
         try:
             token = await self.reader(_change_token)
@@ -106,8 +114,9 @@ class Counts:
         except Exception:  # noqa: BLE001 - the next request tries again, and reports what fails
             pass
         finally:
-            self._busy = False
+            self._recount = None
+            done.set()
 
-    def _store(self, counted: tuple[list[dict], object]) -> None:
-        self.value, self._token = counted
+    def _store(self, counted: tuple[list[dict], object, float]) -> None:
+        self.value, self._token, self._cost = counted
         self.at, self._mono = time.time(), time.monotonic()
