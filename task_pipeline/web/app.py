@@ -42,6 +42,7 @@ def templates():
     env = jinja2.Environment(loader=jinja2.FileSystemLoader(HERE / "templates"), autoescape=True,
                              trim_blocks=True, lstrip_blocks=True)
     env.filters["short"] = lambda h: (h or "")[:12]
+    env.globals["shown"] = pages.shown
     return Jinja2Templates(env=env)
 
 

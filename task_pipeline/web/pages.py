@@ -27,6 +27,12 @@ STDERR_LINES = 12        # lines of each one's stderr
 POLL_MS = 2000
 
 
+def shown(counts: dict, k: str) -> int:
+    """A count as the dashboard shows it: a task a runner has claimed but not started yet (leased,
+    for a moment) counts as running, so that it never seems to vanish."""
+    return counts["running"] + counts["leased"] if k == "running" else counts[k]
+
+
 def web_of(request: Request) -> Web:
     return request.app.state.web
 

@@ -15,18 +15,23 @@
   const every = parseInt(live.dataset.poll, 10) || 2000;
   const stale = live.querySelector("[data-stale]");
 
+  // as the page's template shows them: a task a runner has claimed but not started yet counts as running
+  function shown(counts, k) {
+    return k === "running" ? counts.running + counts.leased : counts[k];
+  }
+
   function update(doc) {
     const byStep = new Map(doc.steps.map(function (c) { return [c.step, c]; }));
     for (const el of document.querySelectorAll("[data-step][data-count]")) {
       const row = byStep.get(el.dataset.step);
-      el.textContent = String(row ? row[el.dataset.count] : 0);
+      el.textContent = String(row ? shown(row, el.dataset.count) : 0);
     }
     for (const g of document.querySelectorAll("g.node[data-step]")) {
       const row = byStep.get(g.dataset.step);
       g.classList.toggle("has-failed", Boolean(row && row.failed));
     }
     for (const el of document.querySelectorAll("[data-total]")) {
-      el.textContent = String(doc.totals[el.dataset.total]);
+      el.textContent = String(shown(doc.totals, el.dataset.total));
     }
     const age = live.querySelector("[data-age]");
     if (age) {
