@@ -32,7 +32,9 @@ from task_pipeline.web.context import (LOG_TAIL, MAX_JSON, MAX_LOG_TAIL, MAX_OBJ
 from task_pipeline.web.security import same_origin, simple_content_type
 
 HASH = re.compile(r"[0-9a-f]{64}")
-MAX_NAME = 255
+MAX_NAME = 255    # bytes: the input is a file of that name in the task's directory
+MAX_ID = 2 ** 63 - 1
+NO_NUL = "^[^\\x00]*$"
 
 
 @dataclass(frozen=True)
@@ -50,9 +52,12 @@ def web_of(request: Request) -> Web:
 # -- reading parameters ------------------------------------------------------------------------
 
 
+# A parameter that is absent takes its default; one that is present must be valid, even when empty
+# (`before=` is a mistake, not a request for the first page).
+
 def int_param(request: Request, name: str, default: int | None, lo: int, hi: int) -> int | None:
     raw = request.query_params.get(name)
-    if raw is None or raw == "":
+    if raw is None:
         return default
     if not raw.isdigit() or len(raw) > 19 or not lo <= int(raw) <= hi:
         raise Problem(400, f"{name}={raw[:40]!r}: give a whole number from {lo} to {hi}")
@@ -60,7 +65,9 @@ def int_param(request: Request, name: str, default: int | None, lo: int, hi: int
 
 
 def bool_param(request: Request, name: str) -> bool:
-    raw = (request.query_params.get(name) or "false").lower()
+    raw = (request.query_params.get(name) or "").lower()
+    if name not in request.query_params:
+        return False
     if raw not in ("true", "false", "1", "0"):
         raise Problem(400, f"{name}={raw[:40]!r}: give true or false")
     return raw in ("true", "1")
@@ -98,7 +105,7 @@ async def read_body(request: Request, limit: int) -> bytes:
 async def json_body(request: Request) -> dict:
     body = await read_body(request, MAX_JSON)
     try:
-        data = json.loads(body or b"{}")
+        data = json.loads(body)
     except (ValueError, UnicodeDecodeError):
         raise Problem(400, "the request body is not JSON; send an object such as {\"step\": \"process\"}") from None
     if not isinstance(data, dict):
@@ -129,8 +136,8 @@ def may_act(request: Request, content_type: str) -> None:
 def step_text(value, name: str = "step", required: bool = False) -> str | None:
     if value is None and not required:
         return None
-    if not isinstance(value, str) or not value or len(value) > 200:
-        raise Problem(400, f"{name}: give a step name (a string of 1 to 200 characters)")
+    if not isinstance(value, str) or not value or len(value) > 200 or "\x00" in value:
+        raise Problem(400, f"{name}: give a step name (a string of 1 to 200 characters, no NUL)")
     return value
 
 
@@ -165,10 +172,10 @@ def _task_rows(db, **kw) -> dict:
 
 async def get_tasks(request: Request) -> Response:
     web = web_of(request)
-    state_ = text_param(request, "state")
+    state_ = request.query_params.get("state")
     if state_ is not None and state_ not in queries.TASK_STATES:
         raise Problem(400, f"state={state_[:40]!r}: use one of {', '.join(queries.TASK_STATES)}")
-    kw = dict(step=text_param(request, "step"), state=state_, before=int_param(request, "before", None, 1, 2 ** 63 - 1),
+    kw = dict(step=text_param(request, "step"), state=state_, before=int_param(request, "before", None, 1, MAX_ID),
               limit=int_param(request, "limit", PAGE, 1, MAX_PAGE), history=bool_param(request, "history"))
     try:
         return JSONResponse(await web.reader(_task_rows, **kw))
@@ -360,7 +367,7 @@ def _check_target(db, name: str, step: str | None) -> None:
     elif not pipe.router.consumers(name):
         from task_pipeline.routing import route_key
 
-        raise UsageError(f"'{name}': its route key '{route_key(name)}' is consumed by no step; give step=STEP")
+        raise Problem(404, f"no step consumes '{name}' (its route key is '{route_key(name)}'); give step=STEP")
 
 
 def _submit_file(db, store, f, name: str, step: str | None, runset: str) -> dict:
@@ -372,16 +379,15 @@ def _submit_file(db, store, f, name: str, step: str | None, runset: str) -> dict
 
 async def post_submit(request: Request) -> Response:
     """The request's body is the file: spooled to an unnamed file in the scratch directory, stored as
-    an object (hashed on the way in), then queued as an input of `step`, or of the steps its name
-    routes to."""
+    an object (hashed on the way in), then queued as an input of `step`, or, without one, of the
+    steps its name routes to (`submit --route`)."""
     may_act(request, "application/octet-stream")
     web = web_of(request)
     name = file_name(text_param(request, "name", required=True, limit=1024))
-    route = bool_param(request, "route")
     step = text_param(request, "step")
+    if step is None and "step" in request.query_params:
+        raise Problem(400, "step= is empty: name a step, or leave step out to route the file by its name")
     runset = text_param(request, "runset") or ""
-    if (step is None) != route:
-        raise Problem(400, "give step=STEP, or route=true to route the file by its name")
     try:
         await web.reader(_check_target, name, step)
     except UsageError as e:
@@ -406,7 +412,9 @@ async def post_submit(request: Request) -> Response:
 
 # -- the routes and their operations ------------------------------------------------------------------
 
-_STEP = oa.query("step", {"type": "string", "maxLength": 200}, "only this step's tasks (every version of it)")
+_STEP = oa.query("step", {"type": "string", "maxLength": 200, "pattern": NO_NUL},
+                 "only this step's tasks (every version of it)")
+_HASH = oa.path_param("hash", {"type": "string", "pattern": "^[0-9a-f]{64}$"}, "the object's full hash")
 ROUTES: list[ApiRoute] = [
     ApiRoute("/api/status", "get", get_status, {
         "summary": "Tasks per step and state, runners, the last failures: what `status --json` prints",
@@ -420,25 +428,26 @@ ROUTES: list[ApiRoute] = [
                        oa.query("state", {"type": "string", "enum": list(queries.TASK_STATES)}, "only tasks in this state"),
                        oa.query("limit", {"type": "integer", "minimum": 1, "maximum": MAX_PAGE, "default": PAGE},
                                 "tasks per page"),
-                       oa.query("before", {"type": "integer", "minimum": 1}, "the `next` of the previous page"),
+                       oa.query("before", {"type": "integer", "minimum": 1, "maximum": MAX_ID},
+                                "the `next` of the previous page"),
                        oa.query("history", {"type": "boolean"}, "include superseded tasks")],
         "responses": {"200": oa.json_response("TaskPage"), "404": oa.error("no such step")}}),
     ApiRoute("/api/tasks/{task_id}", "get", get_task, {
         "summary": "One task: its attempts with exit codes and the tails of their logs, outputs, and where its "
                    "input came from", "operationId": "task",
-        "parameters": [oa.path_param("task_id", {"type": "integer", "minimum": 1, "maximum": 2 ** 63 - 1}, "the task"),
+        "parameters": [oa.path_param("task_id", {"type": "integer", "minimum": 1, "maximum": MAX_ID}, "the task"),
                        oa.query("tail", {"type": "integer", "minimum": 0, "maximum": MAX_LOG_TAIL, "default": LOG_TAIL},
                                 "bytes of each log")],
         "responses": {"200": oa.json_response("Task"), "404": oa.error("no such task")}}),
     ApiRoute("/api/objects/{hash}", "get", get_object, {
         "summary": f"An object's bytes (up to {MAX_OBJECT} bytes), checked against its hash", "operationId": "object",
-        "parameters": [oa.path_param("hash", {"type": "string"}, "the object's full hash")],
+        "parameters": [_HASH],
         "responses": {"200": {"description": "the object", "content": {"application/octet-stream": {
                           "schema": {"type": "string", "format": "binary"}}}},
                       "404": oa.error("no such object"), "413": oa.error("too large to serve here")}}),
     ApiRoute("/api/objects/{hash}/lineage", "get", get_lineage, {
         "summary": "Every chain of tasks that produced an object (`why`)", "operationId": "lineage",
-        "parameters": [oa.path_param("hash", {"type": "string"}, "the object's full hash"),
+        "parameters": [_HASH,
                        oa.query("history", {"type": "boolean"}, "include superseded producers")],
         "responses": {"200": oa.json_response("Lineage"), "404": oa.error("no such object, or nothing produced it")}}),
     ApiRoute("/api/graph", "get", get_graph, {
@@ -459,14 +468,17 @@ ROUTES: list[ApiRoute] = [
     ApiRoute("/api/submit", "post", post_submit, {
         "summary": "Add a file as an input (`submit`): the body is the file", "operationId": "submit",
         "security": [{"bearer": []}],
-        "parameters": [oa.query("name", {"type": "string", "minLength": 1, "maxLength": MAX_NAME}, "the file's name",
-                                required=True),
-                       oa.query("step", {"type": "string", "maxLength": 200}, "the step to queue it for"),
-                       oa.query("route", {"type": "boolean"}, "route it by its name instead of naming the step"),
-                       oa.query("runset", {"type": "string", "maxLength": 200}, "the runset of the new tasks")],
+        "parameters": [oa.query("name", {"type": "string", "format": "file-name", "minLength": 1, "maxLength": MAX_NAME,
+                                         "pattern": "^(?!\\.\\.?$)[^/\\x00]+$"},
+                                f"the file's name: no '/', at most {MAX_NAME} bytes in UTF-8", required=True),
+                       oa.query("step", {"type": "string", "minLength": 1, "maxLength": 200, "pattern": NO_NUL},
+                                "the step to queue it for; without it, the steps its name routes to"),
+                       oa.query("runset", {"type": "string", "maxLength": 200, "pattern": NO_NUL},
+                                "the runset of the new tasks")],
         "requestBody": {"required": True, "content": {"application/octet-stream": {
             "schema": {"type": "string", "format": "binary"}}}},
-        "responses": {"200": oa.json_response("SubmitResult"), "404": oa.error("no such step"),
+        "responses": {"200": oa.json_response("SubmitResult"),
+                      "404": oa.error("no such step, or no step consumes the name"),
                       "413": oa.error(f"larger than {MAX_UPLOAD} bytes")}}),
     ApiRoute("/api/openapi.json", "get", get_openapi, {
         "summary": "This document", "operationId": "openapi",
