@@ -138,9 +138,9 @@ def test_nix_dependencies_match_pyproject(nix: str) -> None:
     pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text())
     project = pyproject["project"]
     extras = project["optional-dependencies"]
-    # the Nix package includes the PostgreSQL extra (withPostgres defaults to true) and the
-    # S3 extra (withS3 defaults to true where nixpkgs has obstore, as the stub does)
-    base = [requirement_name(d) for d in project["dependencies"] + extras["postgres"]]
+    # the Nix package includes the PostgreSQL and web extras (withPostgres, withWeb default to
+    # true) and the S3 extra (withS3 defaults to true where nixpkgs has obstore, as the stub does)
+    base = [requirement_name(d) for d in project["dependencies"] + extras["postgres"] + extras["web"]]
     wanted = sorted(base + [requirement_name(d) for d in extras["s3"]])
 
     pkg = nix_eval_flake(
@@ -186,13 +186,17 @@ def test_nix_dependencies_match_pyproject(nix: str) -> None:
         extras = builtins.attrNames (call {{ }}).stubArgs.optional-dependencies;
         forced = forced.success;
         noPostgres = (call {{ withPostgres = false; }}).stubDependencyNames;
+        noWeb = (call {{ withWeb = false; }}).stubDependencyNames;
         # with obstore at hand, withS3 = false leaves it out
         noS3 = (stub.python3Packages.callPackage {ROOT}/nix/package.nix {{ withS3 = false; }}).stubDependencyNames;
       }}""")
     assert sorted(pep503(n) for n in without["deps"]) == sorted(base)
-    assert without["extras"] == ["postgres"]
+    assert without["extras"] == ["postgres", "web"]
     assert without["forced"] is False
-    assert sorted(pep503(n) for n in without["noPostgres"]) == sorted(requirement_name(d) for d in project["dependencies"])
+    assert sorted(pep503(n) for n in without["noPostgres"]) == sorted(
+        requirement_name(d) for d in project["dependencies"] + extras["web"])
+    assert sorted(pep503(n) for n in without["noWeb"]) == sorted(
+        requirement_name(d) for d in project["dependencies"] + extras["postgres"])
     assert sorted(pep503(n) for n in without["noS3"]) == sorted(base)
 
 
