@@ -40,10 +40,9 @@ def totals(counts: list[dict]) -> dict[str, int]:
     return {k: sum(c[k] for c in counts) for k in COLUMNS}
 
 
-def status(db: Database, store: ObjectStore, where: str, counts: list[dict] | None = None) -> dict:
-    """The `status --json` document. `counts` (queries.step_counts) may be given when the caller
-    has them already: counting is the only part whose cost grows with the store."""
-    counts = queries.step_counts(db) if counts is None else counts
+def status(db: Database, store: ObjectStore, where: str) -> dict:
+    """The `status --json` document."""
+    counts = queries.step_counts(db)
     failed = queries.failed_tasks(db, limit=LAST_FAILURES)
     for f in failed:
         f["stderr"] = last_stderr_line(store, f["stderr_hash"])

@@ -80,18 +80,19 @@ def _web(http, opened: Opened, reporter, out: Output):
     from task_pipeline.web import app, server
     from task_pipeline.web.context import Web
     from task_pipeline.web.metrics import Metrics, Recorder
-    from task_pipeline.web.reader import Counts, Reader
+    from task_pipeline.web.reader import Reader, Snapshot
     from task_pipeline.web.security import Guard
 
     where, sock, token = http
     reader = Reader(opened.db.sibling)
     metrics = Metrics()
-    ctx = Web(reader, Counts(reader), opened.store, opened.loc.describe(), opened.loc.scratch,
+    where_store = opened.loc.describe()
+    ctx = Web(reader, Snapshot(reader, opened.store, where_store), opened.store, where_store, opened.loc.scratch,
               Guard(token, where.hosts()), metrics, app.templates())
     asgi = app.build(ctx, out.log)
 
     def ready(tg) -> None:
-        ctx.counts.tg = tg
+        ctx.snapshot.tg = tg
 
     async def run(stop: anyio.Event) -> None:
         out.log("info", f"http: dashboard and API on {where.url()}/" + (" (actions need the token)" if token else ""))

@@ -23,7 +23,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
 from task_pipeline import graph as graphs
-from task_pipeline import overview, queries, state
+from task_pipeline import queries, state
 from task_pipeline.errors import StoreError, UsageError
 from task_pipeline.overview import iso
 from task_pipeline.web import openapi as oa
@@ -152,14 +152,13 @@ def dry_run_flag(data: dict) -> bool:
 
 
 async def status_doc(web: Web) -> dict:
-    counts = await web.counts.get()
-    return await web.reader(overview.status, web.store, web.where, counts)
+    return await web.snapshot.get()
 
 
 async def get_status(request: Request) -> Response:
     web = web_of(request)
     doc = await status_doc(web)
-    return JSONResponse(doc, headers={"X-Counted-At": iso(web.counts.at) or ""})
+    return JSONResponse(doc, headers={"X-Counted-At": iso(web.snapshot.at) or ""})
 
 
 def _task_rows(db, **kw) -> dict:
@@ -300,13 +299,8 @@ async def get_openapi(request: Request) -> Response:
 
 async def get_metrics(request: Request) -> Response:
     web = web_of(request)
-    counts = await web.counts.get()
-
-    def read(db):
-        return queries.oldest_pending_age(db), queries.runners(db)
-
-    age, runners = await web.reader(read)
-    web.metrics.scraped(counts, age, runners)
+    doc = await status_doc(web)
+    web.metrics.scraped(doc["steps"], doc["oldest_pending_age"], doc["runners"])
     body, ctype = web.metrics.exposition(request.headers.get("accept"))
     return Response(body, headers={"Content-Type": ctype})
 
@@ -337,7 +331,7 @@ async def act(web: Web, fn: Callable, *args) -> dict:
         result = await web.reader(fn, *args)
     except UsageError as e:
         raise from_usage(e) from None
-    web.counts.discard()
+    web.snapshot.discard()
     return result
 
 
@@ -419,8 +413,9 @@ ROUTES: list[ApiRoute] = [
     ApiRoute("/api/status", "get", get_status, {
         "summary": "Tasks per step and state, runners, the last failures: what `status --json` prints",
         "operationId": "status",
-        "description": "Counts come from a snapshot at most about a second old (its time is in the "
-                       "X-Counted-At header); an action through this API is counted at once.",
+        "description": "The document is a snapshot, rebuilt when the store changed, at most about a second "
+                       "old on a small store and a few seconds on a huge one (its time is in the X-Counted-At "
+                       "header); an action through this API shows at once.",
         "responses": {"200": oa.json_response("Status")}}),
     ApiRoute("/api/tasks", "get", get_tasks, {
         "summary": "Tasks, newest first, a page at a time", "operationId": "tasks",

@@ -13,7 +13,7 @@ from pathlib import Path
 from task_pipeline.errors import UsageError
 from task_pipeline.store import ObjectStore
 from task_pipeline.web.metrics import Metrics
-from task_pipeline.web.reader import Counts, Reader
+from task_pipeline.web.reader import Reader, Snapshot
 from task_pipeline.web.security import Guard
 
 MAX_JSON = 64 * 1024            # bytes of a JSON or form request body
@@ -41,7 +41,7 @@ def from_usage(e: UsageError) -> Problem:
 @dataclass
 class Web:
     reader: Reader
-    counts: Counts
+    snapshot: Snapshot
     store: ObjectStore
     where: str                 # the store, as status names it
     scratch: Path              # private to this host: uploads are spooled here

@@ -2,8 +2,8 @@
 
 Two kinds:
 - counted at scrape time from the store (every runner's work shows): tasks by step and state,
-  the age of the oldest pending task, registered runners by kind. They come from the web's counts
-  snapshot (reader.py), so a scrape costs a few index lookups, not a count of the whole store;
+  the age of the oldest pending task, registered runners by kind. They come from the web's status
+  snapshot (reader.py), so that a scrape does not query the store;
 - fed by this daemon's engine, through its reporter (`Recorder` wraps the daemon's, so that the
   engine itself is not touched): attempts by step and outcome, tasks failed for good, task
   durations, commit transaction latency and batch size, scripts running now.

@@ -5,13 +5,15 @@ web never touches that connection nor queues behind the engine: it opens its own
 and runs its queries on a thread under a limiter of its own, one at a time. A lost connection
 (PostgreSQL restarting) answers 503 and is opened again by the next request.
 
-Counting every task by step and state is the only read whose cost grows with the store (tens of
-milliseconds at a million tasks, on SQLite as on PostgreSQL). The dashboard asks every two
-seconds, and Prometheus at each scrape, so the counts are a shared snapshot: a request that finds
-it older than MAX_AGE, with the store changed since, starts a recount (one at a time). It waits for
-it when counting is cheap (the last count took under WAIT_FOR: a store of up to some hundred
-thousand tasks), so that the page shows what is; otherwise it answers from the snapshot and the
-recount finishes in the background. The web's own actions discard the snapshot, so that an
+The status document (overview.status: counts per step and state, the oldest pending task, the
+last failures, runners) is the only read whose cost grows with the store: at a million tasks its
+queries take a few hundred milliseconds. The dashboard asks for it every two seconds, and
+Prometheus at each scrape, so it is a shared snapshot. A request that finds it stale (older than
+its refresh period, and the store changed since) starts a rebuild, one at a time, and waits for it
+only when building is cheap (the last build took under WAIT_FOR); otherwise it answers from the
+snapshot and the rebuild finishes in the background. The refresh period is MAX_AGE, or ten times
+the last build's cost when that is longer: on a huge store the web spends at most about a tenth
+of a core on it while someone watches. The web's own actions discard the snapshot, so that an
 action's effect shows in the next answer.
 """
 
@@ -23,11 +25,12 @@ from typing import Callable
 import anyio
 import anyio.to_thread
 
-from task_pipeline import queries
+from task_pipeline import overview
 from task_pipeline.db import Database, DatabaseUnavailable
 
-MAX_AGE = 1.0    # seconds a counts snapshot is served before a recount is started
-WAIT_FOR = 0.02  # a request waits for a recount that is expected to take less than this (seconds)
+MAX_AGE = 1.0    # seconds a snapshot is served before a rebuild is started (at least)
+WAIT_FOR = 0.02  # a request waits for a rebuild that is expected to take less than this (seconds)
+SHARE = 10       # the refresh period is at least this many times the last build's cost
 
 
 class Reader:
@@ -62,38 +65,40 @@ def _change_token(db: Database):
     return version() if version is not None else None
 
 
-def _count(db: Database) -> tuple[list[dict], object, float]:
-    token = _change_token(db)
-    began = time.monotonic()
-    counts = queries.step_counts(db)
-    return counts, token, time.monotonic() - began
+class Snapshot:
+    """The status document, shared by every request (see the module's doc)."""
 
-
-class Counts:
-    def __init__(self, reader: Reader) -> None:
-        self.reader = reader
-        self.value: list[dict] | None = None
-        self.at = 0.0            # time.time() of the count
+    def __init__(self, reader: Reader, store, where: str) -> None:
+        self.reader, self.store, self.where = reader, store, where
+        self.value: dict | None = None
+        self.at = 0.0            # time.time() of the build
         self._mono = 0.0
         self._token: object = None
-        self._cost = 0.0         # seconds the last count took
-        self._gen = 0            # bumped by discard: a count begun before it is not stored
-        self._recount: anyio.Event | None = None   # set when the recount under way ends
-        self.tg = None           # set by the app's lifespan: the task group recounts run in
+        self._cost = 0.0         # seconds the last build took
+        self._gen = 0            # bumped by discard: a build begun before it is not stored
+        self._rebuild: anyio.Event | None = None   # set when the rebuild under way ends
+        self.tg = None           # the task group rebuilds run in (server.serve's)
 
-    async def get(self) -> list[dict]:
-        for tries in range(3):  # an action while we counted may have changed the counts: count again
+    def _build(self, db: Database) -> tuple[dict, object, float]:
+        token = _change_token(db)
+        began = time.monotonic()
+        doc = overview.status(db, self.store, self.where)
+        return doc, token, time.monotonic() - began
+
+    async def get(self) -> dict:
+        for tries in range(3):  # an action while we built may have changed the store: build again
             if self.value is not None:
                 break
             gen = self._gen
-            counted = await self.reader(_count)
+            built = await self.reader(self._build)
             if gen == self._gen or tries == 2:
-                self._store(counted)
-        if time.monotonic() - self._mono > MAX_AGE and self._recount is None and self.tg is not None:
-            self._recount = anyio.Event()
-            self.tg.start_soon(self._refresh_if_changed, self._recount)
-        if self._recount is not None and self._cost < WAIT_FOR:
-            await self._recount.wait()
+                self._store(built)
+        period = max(MAX_AGE, SHARE * self._cost)
+        if time.monotonic() - self._mono > period and self._rebuild is None and self.tg is not None:
+            self._rebuild = anyio.Event()
+            self.tg.start_soon(self._refresh_if_changed, self._rebuild)
+        if self._rebuild is not None and self._cost < WAIT_FOR:
+            await self._rebuild.wait()
         assert self.value is not None
         return self.value
 
@@ -106,17 +111,17 @@ class Counts:
         try:
             token = await self.reader(_change_token)
             if token is None or token != self._token:
-                counted = await self.reader(_count)
+                built = await self.reader(self._build)
                 if gen == self._gen:
-                    self._store(counted)
+                    self._store(built)
             elif gen == self._gen:
                 self._mono = time.monotonic()
         except Exception:  # noqa: BLE001 - the next request tries again, and reports what fails
             pass
         finally:
-            self._recount = None
+            self._rebuild = None
             done.set()
 
-    def _store(self, counted: tuple[list[dict], object, float]) -> None:
-        self.value, self._token, self._cost = counted
+    def _store(self, built: tuple[dict, object, float]) -> None:
+        self.value, self._token, self._cost = built
         self.at, self._mono = time.time(), time.monotonic()
