@@ -82,17 +82,20 @@ def _web(http, opened: Opened, reporter, out: Output):
     from task_pipeline.web.metrics import Metrics, Recorder
     from task_pipeline.web.reader import Reader, Snapshot
     from task_pipeline.web.security import Guard
+    from task_pipeline.web.stepgraph import StepGraph
 
     where, sock, token = http
-    reader = Reader(opened.db.sibling)
+    # two connections of the web's own: requests' reads, and what is rebuilt in the background
+    # (the status snapshot, the step graph), which must not hold up the requests
+    reader, background = Reader(opened.db.sibling), Reader(opened.db.sibling)
     metrics = Metrics()
     where_store = opened.loc.describe()
-    ctx = Web(reader, Snapshot(reader, opened.store, where_store), opened.store, where_store, opened.loc.scratch,
-              Guard(token, where.hosts()), metrics, app.templates())
+    ctx = Web(reader, Snapshot(background, opened.store, where_store), opened.store, where_store, opened.loc.scratch,
+              Guard(token, where.hosts()), metrics, app.templates(), StepGraph(reader, background))
     asgi = app.build(ctx, out.log)
 
     def ready(tg) -> None:
-        ctx.snapshot.tg = tg
+        ctx.snapshot.tg = ctx.graph.tg = tg
 
     async def run(stop: anyio.Event) -> None:
         out.log("info", f"http: dashboard and API on {where.url()}/" + (" (actions need the token)" if token else ""))
@@ -101,5 +104,6 @@ def _web(http, opened: Opened, reporter, out: Output):
         finally:
             with anyio.CancelScope(shield=True):
                 await reader.close()
+                await background.close()
 
     return run, Recorder(reporter, metrics)

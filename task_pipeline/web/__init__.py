@@ -6,7 +6,8 @@ and graph, and acts through state, on a database connection of its own (never th
 
 - listen.py: the --http address (host:port or a unix socket path), and whether it is loopback; pure;
 - security.py: the bearer token, browser sessions and their CSRF tokens, Host and Origin checks;
-- reader.py: the web's own database connection, and the snapshot of the status document it serves;
+- reader.py: the web's own database connections, and the snapshot of the status document it serves;
+- stepgraph.py: the step graph it serves, kept and refreshed in the background;
 - api.py: the JSON routes, each with its OpenAPI operation; openapi.py: schemas and the document;
 - pages.py: the dashboard's HTML routes (templates/ and static/ ship in the package);
 - layout.py: the step graph laid out for an SVG picture; pure;

@@ -13,7 +13,6 @@ import io
 import json
 import re
 import tempfile
-import time
 from dataclasses import dataclass
 from typing import Callable
 
@@ -22,13 +21,12 @@ import anyio.to_thread
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
-from task_pipeline import graph as graphs
 from task_pipeline import queries, state
 from task_pipeline.errors import StoreError, UsageError
 from task_pipeline.overview import iso
 from task_pipeline.web import openapi as oa
 from task_pipeline.web.context import (LOG_TAIL, MAX_JSON, MAX_LOG_TAIL, MAX_OBJECT, MAX_PAGE, MAX_UPLOAD, PAGE,
-                                       GRAPH_MAX_AGE, Problem, Web, from_usage)
+                                       Problem, Web, from_usage)
 from task_pipeline.web.security import same_origin, simple_content_type
 
 HASH = re.compile(r"[0-9a-f]{64}")
@@ -263,30 +261,8 @@ async def get_lineage(request: Request) -> Response:
         raise from_usage(e) from None
 
 
-def step_graph(db) -> dict:
-    """Nodes and edges as `graph --json` gives them for the store: the registered steps, observed
-    routing, and edges guessed from the registered scripts."""
-    pipe = state.load_pipeline(db)
-    nodes = [graphs.Node(s.name, start=s.is_start, version=s.version, removed=not s.in_manifest)
-             for s in pipe.steps.values()]
-    guessed = graphs.guess_edges([(s.name, s.script, s.consumes) for s in pipe.active])
-    return graphs.build_graph(nodes, graphs.observed_edges(db), guessed).to_json()
-
-
-def _generation(db) -> str | None:
-    return state.meta(db, "generation")
-
-
 async def graph_json(web: Web) -> dict:
-    """The graph, reused for GRAPH_MAX_AGE seconds while the registered pipeline stays the same:
-    its observed edges count every task, which a poll must not pay for."""
-    gen = await web.reader(_generation)
-    cached = web.graph
-    if cached is not None and cached[1] == gen and time.monotonic() - cached[0] < GRAPH_MAX_AGE:
-        return cached[2]
-    g = await web.reader(step_graph)
-    web.graph = (time.monotonic(), gen, g)
-    return g
+    return await web.graph.get()
 
 
 async def get_graph(request: Request) -> Response:

@@ -15,6 +15,7 @@ from task_pipeline.store import ObjectStore
 from task_pipeline.web.metrics import Metrics
 from task_pipeline.web.reader import Reader, Snapshot
 from task_pipeline.web.security import Guard
+from task_pipeline.web.stepgraph import StepGraph
 
 MAX_JSON = 64 * 1024            # bytes of a JSON or form request body
 MAX_UPLOAD = 512 * 1024 * 1024  # bytes of a submitted file (larger: `task-pipeline submit` on the host)
@@ -23,7 +24,6 @@ LOG_TAIL = 16 * 1024            # bytes of each log a task answer shows by defau
 MAX_LOG_TAIL = 256 * 1024
 PAGE = 50                       # tasks per page by default
 MAX_PAGE = 500
-GRAPH_MAX_AGE = 30.0            # seconds the step graph's observed edges are reused (they count every task)
 
 
 class Problem(Exception):
@@ -48,5 +48,5 @@ class Web:
     guard: Guard
     metrics: Metrics
     templates: object          # starlette.templating.Jinja2Templates
-    graph: tuple[float, str | None, dict] | None = field(default=None)   # (monotonic, generation, graph json)
+    graph: StepGraph
     started: float = field(default_factory=time.time)

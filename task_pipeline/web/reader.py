@@ -1,12 +1,14 @@
-"""The web's way to the store's database: a connection of its own, and the step counts it serves.
+"""The web's way to the store's database: connections of its own, and the status document it serves.
 
 The engine reaches the database through scheduler.Db, one call at a time on one connection. The
-web never touches that connection nor queues behind the engine: it opens its own (`db.sibling()`)
-and runs its queries on a thread under a limiter of its own, one at a time. A lost connection
-(PostgreSQL restarting) answers 503 and is opened again by the next request.
+web never touches that connection nor queues behind the engine: a Reader opens its own
+(`db.sibling()`) and runs queries on a thread under a limiter of its own, one at a time. serve
+gives the web two: one for requests, one for what is rebuilt in the background, so that a rebuild
+never holds up a request. A lost connection (PostgreSQL restarting) answers 503 and is opened
+again by the next call.
 
 The status document (overview.status: counts per step and state, the oldest pending task, the
-last failures, runners) is the only read whose cost grows with the store: at a million tasks its
+last failures, runners) is the read whose cost grows with the store: at a million tasks its
 queries take a few hundred milliseconds. The dashboard asks for it every two seconds, and
 Prometheus at each scrape, so it is a shared snapshot. A request that finds it stale (older than
 its refresh period, and the store changed since) starts a rebuild, one at a time, and waits for it
