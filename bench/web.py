@@ -6,7 +6,9 @@ in the same run:
            looking, with one dashboard open (the page's poll: /api/status every 2 s) and with
            five dashboards plus a Prometheus scrape every 5 s. Runs alternate between the setups
            and the median of --repeat is printed; tasks/s is taken from the tasks' own finishing
-           times (the daemon's start-up, longer with the web's imports, is not counted).
+           times (the daemon's start-up, longer with the web's imports, is not counted), and so
+           is the daemon's own CPU time per task (its scripts' not included), which other load on
+           the machine disturbs far less than it does tasks/s.
   api      requests/s of one keep-alive client, one request at a time, per endpoint, on the
            store the engine runs left; a static file (no database) for comparison.
   million  a store of --million tasks (bulk-inserted: mostly done, some failed, some pending of a
@@ -163,7 +165,15 @@ SETUPS = {
 }
 
 
-def engine_run(work: Path, n: int, extra: list[str], dashboards: int, scrape: float | None) -> tuple[float, int]:
+def cpu_seconds(pid: int) -> float:
+    """The process's own user and system time (not its children's)."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def engine_run(work: Path, n: int, extra: list[str], dashboards: int,
+               scrape: float | None) -> tuple[float, float, int]:
     db = work / "db"
     shutil.rmtree(db, ignore_errors=True)
     m = work / "tiny.toml"
@@ -172,9 +182,13 @@ def engine_run(work: Path, n: int, extra: list[str], dashboards: int, scrape: fl
     viewers = Viewers(s.base, dashboards, scrape) if s.port is not None and (dashboards or scrape) else None
     try:
         deadline = time.monotonic() + 600
+        mark = None   # (tasks done, daemon CPU) once work is under way
         while True:
             done, first, last = finished(db)
+            if mark is None and done >= n // 10:
+                mark = (done, cpu_seconds(s.proc.pid))
             if done >= n:
+                cpu = (cpu_seconds(s.proc.pid) - mark[1]) / (done - mark[0])
                 break
             if s.proc.poll() is not None or time.monotonic() > deadline:
                 sys.exit(f"serve stopped or stalled at {done}/{n}:\n{s.log.read_text()[-2000:]}")
@@ -182,24 +196,27 @@ def engine_run(work: Path, n: int, extra: list[str], dashboards: int, scrape: fl
     finally:
         requests = viewers.close() if viewers else 0
         s.stop()
-    return (n - 1) / (last - first), requests
+    return (n - 1) / (last - first), cpu, requests
 
 
 def bench_engine(work: Path, n: int, repeat: int) -> None:
     print(f"# engine: {n} tiny tasks, -parallel 2, median of {repeat}")
     rates: dict[str, list[float]] = {k: [] for k in SETUPS}
+    cpus: dict[str, list[float]] = {k: [] for k in SETUPS}
     polls: dict[str, int] = {k: 0 for k in SETUPS}
     for _ in range(repeat):
         for name, (extra, dashboards, scrape) in SETUPS.items():
-            rate, requests = engine_run(work, n, extra, dashboards, scrape)
+            rate, cpu, requests = engine_run(work, n, extra, dashboards, scrape)
             rates[name].append(rate)
+            cpus[name].append(cpu)
             polls[name] += requests
     base = statistics.median(rates["no --http (baseline)"])
+    base_cpu = statistics.median(cpus["no --http (baseline)"])
     for name in SETUPS:
-        r = statistics.median(rates[name])
+        r, c = statistics.median(rates[name]), statistics.median(cpus[name])
         runs = ", ".join(f"{x:.0f}" for x in rates[name])
-        print(f"{name:32} {r:7.0f} tasks/s  {100 * (r / base - 1):+5.1f}%  (runs: {runs}; "
-              f"{polls[name] // repeat} web requests per run)")
+        print(f"{name:32} {r:5.0f} tasks/s {100 * (r / base - 1):+6.1f}%   daemon CPU {1000 * c:5.2f} ms/task "
+              f"{100 * (c / base_cpu - 1):+6.1f}%   (tasks/s runs: {runs}; {polls[name] // repeat} web requests/run)")
 
 
 def per_second(c: httpx.Client, path: str, seconds: float) -> tuple[float, float, float]:
