@@ -10,13 +10,14 @@ pytest plugin, whose fixture-based loader does not run under pytest 9.
 from __future__ import annotations
 
 import pytest
-import schemathesis
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from schemathesis import GenerationMode
 
 from conftest import CLI
-from test_web import BIG, PIPELINE, Http, auth, token_file
+from test_web import BIG, PIPELINE, Http, auth, need, token_file
+
+schemathesis = need("schemathesis")
+GenerationMode = schemathesis.GenerationMode
 
 OPERATIONS = [("get", "/api/status"), ("get", "/api/tasks"), ("get", "/api/tasks/{task_id}"),
               ("get", "/api/objects/{hash}"), ("get", "/api/objects/{hash}/lineage"), ("get", "/api/graph"),
