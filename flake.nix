@@ -41,6 +41,11 @@
                 ps.rich
                 ps.tomli-w
                 ps.psycopg # the postgres extra
+                # the web extra
+                ps.starlette
+                ps.hypercorn
+                ps.jinja2
+                ps.prometheus-client
                 # build and test
                 ps.hatchling
                 ps.pytest

@@ -62,7 +62,8 @@ let
   # files systemd reads as root and hands to the daemon in its credentials directory (%d)
   credentials =
     lib.optional (cfg.database.passwordFile != null) "db-password:${cfg.database.passwordFile}"
-    ++ lib.optional (cfg.s3.credentialsFile != null) "aws-credentials:${cfg.s3.credentialsFile}";
+    ++ lib.optional (cfg.s3.credentialsFile != null) "aws-credentials:${cfg.s3.credentialsFile}"
+    ++ lib.optional (cfg.http.tokenFile != null) "http-token:${cfg.http.tokenFile}";
   # the daemon's default for a directory store is <stateDir>/tmp; PostgreSQL needs it said
   scratch =
     if cfg.scratchDir != null then
@@ -101,6 +102,22 @@ let
       || builtins.match ".*[?&]host=/.*" dbUrl != null
     );
 
+  # --- serve --http: the API, dashboard and /metrics ---
+  httpListen = cfg.http.listen;
+  httpOn = httpListen != null;
+  httpSocket = httpOn && (lib.hasPrefix "/" httpListen || lib.hasPrefix "unix:" httpListen);
+  httpSocketPath = if httpSocket then lib.removePrefix "unix:" httpListen else null;
+  # HOST:PORT or [V6]:PORT; null for a socket, or for an address the daemon would refuse
+  httpTcp = if httpOn && !httpSocket then builtins.match "(\\[[0-9a-fA-F:.]*]|[^]:[/]+):([1-9][0-9]{0,4})" httpListen else null;
+  httpHost = if httpTcp == null then null else builtins.elemAt httpTcp 0;
+  httpPort = if httpTcp == null then null else builtins.fromJSON (builtins.elemAt httpTcp 1);
+  # what only this machine can reach; anything else needs the token (the daemon refuses it too)
+  httpLoopback =
+    httpSocket || builtins.elem httpHost [ "localhost" "[::1]" ] || (httpHost != null && lib.hasPrefix "127." httpHost);
+  # ProtectSystem=strict leaves /run read-only but for the unit's RuntimeDirectory
+  runtimeSocket = httpSocket && lib.hasPrefix "/run/task-pipeline/" httpSocketPath;
+  httpToken = cfg.http.tokenFile != null;
+
   args = [
     "serve"
     "-manifest"
@@ -124,14 +141,21 @@ let
     "-parallel"
     (toString cfg.parallel)
   ]
+  ++ lib.optionals httpOn [
+    "--http"
+    httpListen
+  ]
   ++ cfg.extraArgs;
+  # %d (the unit's credentials directory) must reach systemd unescaped, unlike every other argument
+  tokenArgs = if httpToken then " --http-token-file %d/http-token" else "";
   # systemd expands %-specifiers and $VARIABLES in ExecStart: doubled, they arrive as written
   escapeSystemd = builtins.replaceStrings [ "%" "$" ] [ "%%" "$$" ];
 
   readWritePaths =
     lib.optional (!underVarLib) cfg.stateDir
     ++ lib.optional (objectsLocal && !(insideStateDir cfg.objects)) cfg.objects
-    ++ lib.optional scratchOutside cfg.scratchDir;
+    ++ lib.optional scratchOutside cfg.scratchDir
+    ++ lib.optional (httpSocket && !runtimeSocket && !(insideStateDir httpSocketPath)) (dirOf httpSocketPath);
 
   # Sandboxing, each set with mkDefault: a plain definition in
   # systemd.services.task-pipeline.serviceConfig replaces it (see the README).
@@ -382,6 +406,43 @@ in
       '';
     };
 
+    http = {
+      listen = mkOption {
+        type = types.nullOr types.str;
+        default = null;
+        example = "127.0.0.1:8080";
+        description = ''
+          Serve the HTTP API, the web dashboard and Prometheus metrics (`/metrics`) on this
+          address (`serve --http`): `HOST:PORT`, `[V6]:PORT`, or a unix socket path. null: off.
+          An address other machines can reach (anything but 127.0.0.0/8, `localhost`, `[::1]` or a
+          socket) needs `http.tokenFile`. The port must be 1024 or above (the unit holds no
+          capabilities). A socket under /run/task-pipeline/ gets that directory from systemd
+          (RuntimeDirectory); connecting to it needs the service's user.
+        '';
+      };
+
+      tokenFile = mkOption {
+        type = types.nullOr types.str;
+        default = null;
+        example = "/run/secrets/task-pipeline-http-token";
+        description = ''
+          A file holding the token that the API's actions (retry, invalidate, submit) and the
+          dashboard's buttons need (`--http-token-file`; make one with
+          `head -c 32 /dev/urandom | base64`). An absolute path outside the Nix store, given as a
+          string; systemd reads it as root and hands it to the daemon as the credential
+          `http-token` (`LoadCredential`).
+        '';
+      };
+    };
+
+    openFirewall = mkOption {
+      type = types.bool;
+      default = false;
+      description = ''
+        Open the TCP port of `http.listen` in the firewall (`networking.firewall.allowedTCPPorts`).
+      '';
+    };
+
     memoryDenyWriteExecute = mkOption {
       type = types.bool;
       default = true;
@@ -485,12 +546,38 @@ in
         message = "services.task-pipeline: scratchDir must be an absolute path.";
       }
       {
+        assertion = !httpOn || httpSocket || httpTcp != null;
+        message = "services.task-pipeline: http.listen must be HOST:PORT, [V6]:PORT or a socket path, with a port from 1 to 65535 (got ${toString httpListen}).";
+      }
+      {
+        assertion = httpPort == null || (httpPort >= 1024 && httpPort <= 65535);
+        message = "services.task-pipeline: http.listen's port must be from 1024 to 65535: the unit holds no capability to bind lower ones (got ${toString httpPort}).";
+      }
+      {
+        assertion = !httpOn || httpLoopback || httpToken;
+        message = "services.task-pipeline: http.listen ${toString httpListen} can be reached from other machines, which could then change the store: set http.tokenFile (actions then need its token), or listen on 127.0.0.1.";
+      }
+      {
+        assertion = !httpToken || httpOn;
+        message = "services.task-pipeline: http.tokenFile needs http.listen to be set.";
+      }
+      {
+        assertion = goodSecretPath cfg.http.tokenFile;
+        message = "services.task-pipeline: http.tokenFile must be an absolute path outside the Nix store (given as a string, not a Nix path).";
+      }
+      {
+        assertion = !cfg.openFirewall || httpPort != null;
+        message = "services.task-pipeline: openFirewall needs http.listen to be a TCP address (HOST:PORT).";
+      }
+      {
         assertion = !(scratchOutside && dynamicUser);
         message = "services.task-pipeline: a scratchDir outside stateDir (${toString cfg.scratchDir}) needs `user` to be set.";
       }
     ];
 
     environment.systemPackages = [ cfg.package ];
+
+    networking.firewall.allowedTCPPorts = lib.optional (cfg.openFirewall && httpPort != null) httpPort;
 
     environment.etc = lib.optionalAttrs (cfg.settings != null) {
       "task-pipeline/manifest.toml".source = generatedManifest;
@@ -562,7 +649,7 @@ in
         hardening
         // restartPolicy
         // {
-          ExecStart = "${lib.getExe cfg.package} ${escapeSystemd (lib.escapeShellArgs args)}";
+          ExecStart = "${lib.getExe cfg.package} ${escapeSystemd (lib.escapeShellArgs args)}${tokenArgs}";
           ExecReload = "${pkgs.coreutils}/bin/kill -HUP $MAINPID";
           # SIGTERM drains: running tasks get a grace period, then are re-queued.
           KillMode = "mixed";
@@ -583,6 +670,10 @@ in
         }
         // lib.optionalAttrs (credentials != [ ]) {
           LoadCredential = credentials;
+        }
+        // lib.optionalAttrs runtimeSocket {
+          RuntimeDirectory = "task-pipeline";
+          RuntimeDirectoryMode = "0750";
         }
         // lib.optionalAttrs (!dynamicUser) {
           User = cfg.user;

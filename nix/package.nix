@@ -11,6 +11,10 @@
   psycopg,
   # the s3 extra; null where nixpkgs has no python3Packages.obstore (then withS3 is off)
   obstore ? null,
+  starlette,
+  hypercorn,
+  jinja2,
+  prometheus-client,
   pytestCheckHook,
   pytest-xdist,
   hypothesis,
@@ -20,6 +24,9 @@
   # objects in an S3 bucket (`--objects s3://...`, [project.optional-dependencies] s3): on
   # whenever nixpkgs has obstore
   withS3 ? (obstore != null),
+  # `serve --http` (the API, dashboard and /metrics; [project.optional-dependencies] web): on by
+  # default, since the NixOS module's `http.listen` needs it
+  withWeb ? true,
 }:
 
 let
@@ -27,6 +34,12 @@ let
   # [project.optional-dependencies] (the binary wheel's job is done by nixpkgs' psycopg with libpq)
   optional-dependencies = {
     postgres = [ psycopg ];
+    web = [
+      starlette
+      hypercorn
+      jinja2
+      prometheus-client
+    ];
   }
   // lib.optionalAttrs (obstore != null) {
     s3 = [ obstore ];
@@ -58,6 +71,7 @@ buildPythonApplication {
     tomli-w
   ]
   ++ lib.optionals withPostgres optional-dependencies.postgres
+  ++ lib.optionals withWeb optional-dependencies.web
   ++ lib.optionals withS3 (
     optional-dependencies.s3 or (throw "task-pipeline: withS3 needs python3Packages.obstore, which this nixpkgs lacks")
   );

@@ -84,6 +84,10 @@ OPTS: dict[str, Opt] = {
     "cache_size": Opt(("cache-size",), "objects in a bucket: keep up to SIZE of downloaded objects on this host "
                                        "(e.g. 10G; default none)", "SIZE"),
     "sample": Opt(("sample",), "re-run N of the step's done tasks, chosen at random (default: all of them)", "N", int),
+    "http": Opt(("http",), "serve the API, dashboard and /metrics on ADDR: HOST:PORT (loopback unless a token "
+                           "file is given) or a unix socket path; needs the web extra", "ADDR"),
+    "http_token_file": Opt(("http-token-file",), "with --http: a file holding the token that actions (retry, "
+                                                 "invalidate, submit) need; required off loopback", "FILE"),
 }
 
 GLOBAL = ("verbose", "quiet", "log_format")
@@ -138,8 +142,10 @@ COMMANDS: dict[str, Command] = {
                       max_args=None, min_args=1),
     "serve": Command("the daemon: process work as it appears until stopped", "[MANIFEST]",
                      STORE + ("manifest", "parallel", "step", "runset", "grace", "lease", "hash", "replace_manifest",
-                              "cache_size"),
-                     "task-pipeline serve pipeline.toml -db /var/lib/task-pipeline -parallel 8",
+                              "cache_size", "http", "http_token_file"),
+                     "task-pipeline serve pipeline.toml -db /var/lib/task-pipeline -parallel 8\n"
+                     "task-pipeline serve pipeline.toml --http 127.0.0.1:8080          (dashboard at http://127.0.0.1:8080/)\n"
+                     "task-pipeline serve pipeline.toml --http 0.0.0.0:8080 --http-token-file /etc/task-pipeline/token",
                      max_args=1, manifest_arg=True),
     "why": Command("every chain of tasks that produced an object", "HASH|PATH", STORE + ("json", "history"),
                    "task-pipeline why 3a7bd3e2360a\ntask-pipeline why $(task-pipeline export done | head -1)",
@@ -400,6 +406,8 @@ def _check(a: argparse.Namespace, spec: Command) -> None:
         raise UsageError("--link and --layout go with --to DIR")
     if a.sample is not None and a.sample < 1:
         raise UsageError(f"--sample must be at least 1 (got {a.sample})")
+    if a.http_token_file and not a.http:
+        raise UsageError("--http-token-file goes with --http ADDR (the address to serve the API on)")
     if a.input_path and (a.outputs or a.unrouted or a.to):
         raise UsageError("-input-path lists one task's outputs; it does not combine with --outputs, --unrouted or --to")
 

@@ -26,7 +26,7 @@ import signal
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Awaitable, Callable
 
 import anyio
 import anyio.to_thread
@@ -68,6 +68,7 @@ class Daemon:
     reporter: Reporter
     on_registered: Callable[[state.Registration], None]   # says what a reload changed
     where: str = ""                                         # the store, for the first log line
+    http: Callable[[anyio.Event], Awaitable[None]] | None = None   # serve --http: runs until stop is set
 
     def __post_init__(self) -> None:
         self.file_id = _file_id(self.path)
@@ -175,6 +176,8 @@ class Daemon:
             await self.seed_unscheduled()
             tg.start_soon(self.watch_manifest)
             tg.start_soon(self.run_schedules)
+            if self.http is not None:
+                tg.start_soon(self.http, self.stop)
             self.reporter.log("info", f"serving {self.path} on {self.where} (pid {os.getpid()}, parallel "
                                       f"{self.opts.parallel}); SIGHUP reloads, SIGTERM stops")
             summary = await run_engine(self.db, self.store, self.opts, self.reporter, stop=self.stop, watch=True)

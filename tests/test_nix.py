@@ -138,9 +138,9 @@ def test_nix_dependencies_match_pyproject(nix: str) -> None:
     pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text())
     project = pyproject["project"]
     extras = project["optional-dependencies"]
-    # the Nix package includes the PostgreSQL extra (withPostgres defaults to true) and the
-    # S3 extra (withS3 defaults to true where nixpkgs has obstore, as the stub does)
-    base = [requirement_name(d) for d in project["dependencies"] + extras["postgres"]]
+    # the Nix package includes the PostgreSQL and web extras (withPostgres, withWeb default to
+    # true) and the S3 extra (withS3 defaults to true where nixpkgs has obstore, as the stub does)
+    base = [requirement_name(d) for d in project["dependencies"] + extras["postgres"] + extras["web"]]
     wanted = sorted(base + [requirement_name(d) for d in extras["s3"]])
 
     pkg = nix_eval_flake(
@@ -186,13 +186,17 @@ def test_nix_dependencies_match_pyproject(nix: str) -> None:
         extras = builtins.attrNames (call {{ }}).stubArgs.optional-dependencies;
         forced = forced.success;
         noPostgres = (call {{ withPostgres = false; }}).stubDependencyNames;
+        noWeb = (call {{ withWeb = false; }}).stubDependencyNames;
         # with obstore at hand, withS3 = false leaves it out
         noS3 = (stub.python3Packages.callPackage {ROOT}/nix/package.nix {{ withS3 = false; }}).stubDependencyNames;
       }}""")
     assert sorted(pep503(n) for n in without["deps"]) == sorted(base)
-    assert without["extras"] == ["postgres"]
+    assert without["extras"] == ["postgres", "web"]
     assert without["forced"] is False
-    assert sorted(pep503(n) for n in without["noPostgres"]) == sorted(requirement_name(d) for d in project["dependencies"])
+    assert sorted(pep503(n) for n in without["noPostgres"]) == sorted(
+        requirement_name(d) for d in project["dependencies"] + extras["web"])
+    assert sorted(pep503(n) for n in without["noWeb"]) == sorted(
+        requirement_name(d) for d in project["dependencies"] + extras["postgres"])
     assert sorted(pep503(n) for n in without["noS3"]) == sorted(base)
 
 
@@ -645,7 +649,83 @@ def test_nixos_module_objects_in_a_bucket(nix: str) -> None:
     assert r["misspelt"] is True
 
 
-# 4e: the NixOS VM tests cannot run here (KVM, the real nixpkgs), but their scripts
+# 4e: serve --http: the address, its token, the firewall ------------------------------
+
+HTTP_EXPR = MODULE_PRELUDE + """
+  base = { enable = true; manifest = "/srv/m.toml"; };
+  pg = base // {
+    database.url = "postgresql://tp@db.example.org/tp";
+    database.passwordFile = "/run/secrets/tp-db";
+    objects = "s3://bucket/tp";
+  };
+  token = "/run/secrets/tp-http-token";
+in {
+  off = ok base;
+  loopback = ok (base // { http.listen = "127.0.0.1:8080"; });
+  v6loopback = ok (base // { http.listen = "[::1]:8080"; });
+  public = ok (pg // { http.listen = "0.0.0.0:8080"; http.tokenFile = token; openFirewall = true; });
+  socket = ok (base // { http.listen = "/run/task-pipeline/http.sock"; });
+  publicNoToken = asserts (base // { http.listen = "0.0.0.0:8080"; });
+  v6NoToken = asserts (base // { http.listen = "[::]:8080"; });
+  nameNoToken = asserts (base // { http.listen = "dashboard.example.org:8080"; });
+  lowPort = asserts (base // { http.listen = "127.0.0.1:80"; });
+  noPort = asserts (base // { http.listen = "127.0.0.1"; });
+  bigPort = asserts (base // { http.listen = "127.0.0.1:99999"; });
+  tokenAlone = asserts (base // { http.tokenFile = token; });
+  tokenInStore = asserts (base // { http.listen = "127.0.0.1:8080"; http.tokenFile = "/nix/store/abc-token"; });
+  tokenNixPath = fails (base // { http.listen = "127.0.0.1:8080"; http.tokenFile = ./x; });
+  firewallNoListen = asserts (base // { openFirewall = true; });
+  firewallSocket = asserts (base // { http.listen = "/run/task-pipeline/http.sock"; openFirewall = true; });
+  badListen = fails (base // { http.listen = 8080; });
+}
+"""
+
+
+def test_nixos_module_http(nix: str) -> None:
+    r = nix_eval_expr(HTTP_EXPR.replace("STUB", str(STUB)).replace("ROOT", str(ROOT)))
+
+    def unit(name: str) -> tuple[dict, list[str]]:
+        assert r[name]["failedAssertions"] == [], (name, r[name]["failedAssertions"])
+        sc = r[name]["config"]["systemd"]["services"]["task-pipeline"]["serviceConfig"]
+        return sc, shlex.split(sc["ExecStart"])
+
+    sc, argv = unit("off")
+    assert "--http" not in argv and "LoadCredential" not in sc and "RuntimeDirectory" not in sc
+    assert r["off"]["config"]["networking"]["firewall"]["allowedTCPPorts"] == []
+
+    for name, listen in (("loopback", "127.0.0.1:8080"), ("v6loopback", "[::1]:8080")):
+        sc, argv = unit(name)
+        assert argv[argv.index("--http") + 1] == listen and "--http-token-file" not in argv
+        assert r[name]["config"]["networking"]["firewall"]["allowedTCPPorts"] == [], "openFirewall defaults to false"
+
+    # other machines: the token comes as a credential, read by systemd, named by %d; the port opens
+    sc, argv = unit("public")
+    assert argv[argv.index("--http") + 1] == "0.0.0.0:8080"
+    assert argv[argv.index("--http-token-file") + 1] == "%d/http-token"
+    assert re.search(r"(?<!%)%d/http-token", sc["ExecStart"]), "systemd must expand %d"
+    assert sc["LoadCredential"] == ["db-password:/run/secrets/tp-db", "http-token:/run/secrets/tp-http-token"]
+    assert "/run/secrets/tp-http-token" not in sc["ExecStart"]
+    assert r["public"]["config"]["networking"]["firewall"]["allowedTCPPorts"] == [8080]
+    assert "AF_INET" in sc["RestrictAddressFamilies"] and "AF_INET6" in sc["RestrictAddressFamilies"]
+
+    sc, argv = unit("socket")
+    assert argv[argv.index("--http") + 1] == "/run/task-pipeline/http.sock"
+    assert sc["RuntimeDirectory"] == "task-pipeline" and "ReadWritePaths" not in sc
+    assert "AF_UNIX" in sc["RestrictAddressFamilies"]
+
+    for name in ("publicNoToken", "v6NoToken", "nameNoToken"):
+        assert any("reached from other machines" in m and "http.tokenFile" in m for m in r[name]), name
+    assert any("from 1024 to 65535" in m for m in r["lowPort"]) and any("from 1024 to 65535" in m for m in r["bigPort"])
+    assert any("HOST:PORT" in m for m in r["noPort"])
+    assert any("needs http.listen" in m for m in r["tokenAlone"])
+    assert any("outside the Nix store" in m for m in r["tokenInStore"])
+    assert r["tokenNixPath"] is True   # a Nix path would be copied to the store
+    assert any("openFirewall needs" in m for m in r["firewallNoListen"])
+    assert any("openFirewall needs" in m for m in r["firewallSocket"])
+    assert r["badListen"] is True
+
+
+# 4f: the NixOS VM tests cannot run here (KVM, the real nixpkgs), but their scripts
 # must at least compile as Python and drive every machine they declare -------------
 
 

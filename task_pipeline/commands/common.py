@@ -15,6 +15,7 @@ from task_pipeline.db import Database, open_database
 from task_pipeline.errors import ManifestError, StoreError, UsageError
 from task_pipeline.location import Location, resolve
 from task_pipeline.manifest import Manifest, load_manifest
+from task_pipeline.overview import iso  # noqa: F401 - the commands' time format lives with the status document
 from task_pipeline.store import ALGORITHMS, ObjectStore, Store
 from task_pipeline.textsafe import one_line
 
@@ -128,15 +129,6 @@ def _quote(s: str) -> str:
 
 def print_json(data) -> None:
     sys.stdout.write(json.dumps(data, indent=2, default=str, ensure_ascii=False) + "\n")
-
-
-def iso(t: float | None) -> str | None:
-    """The one time format of every JSON output and log line: UTC ISO 8601 with milliseconds."""
-    if t is None:
-        return None
-    import datetime
-
-    return datetime.datetime.fromtimestamp(t, datetime.timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
 def explain_failure(e: BaseException) -> str | None:

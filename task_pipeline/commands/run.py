@@ -22,10 +22,10 @@ from task_pipeline.commands.common import (Opened, command_hint, iso, need_manif
 from task_pipeline.errors import UsageError
 from task_pipeline.location import SECRET_ENV
 from task_pipeline.manifest import Manifest
+from task_pipeline.overview import last_stderr_line
 from task_pipeline.report import Output, RunReporter, failures_table, fmt_rate, table
 from task_pipeline.state import Summary
 from task_pipeline.store import Store
-from task_pipeline.textsafe import last_line
 
 EXIT_OK, EXIT_FAILED = 0, 1
 DEFAULT_LEASE = 60.0
@@ -189,17 +189,6 @@ def report_gathers(db, steps, out: Output) -> None:
 
 def _near(a: str, b: str) -> bool:
     return difflib.SequenceMatcher(None, a, b).ratio() >= 0.75
-
-
-def last_stderr_line(store: Store, h: str | None) -> str | None:
-    if not h:
-        return None
-    try:
-        data, _ = store.read_tail(h, 2048)
-        text = data.decode("utf-8", "replace")
-    except Exception:  # noqa: BLE001 - a missing or damaged log must not hide the failure table
-        return None
-    return last_line(text) or None
 
 
 # -- what registration did ---------------------------------------------------------------------

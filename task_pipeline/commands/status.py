@@ -13,37 +13,26 @@ from __future__ import annotations
 import sys
 from argparse import Namespace
 
-from task_pipeline import queries, state
+from task_pipeline import overview, queries
 from task_pipeline.commands.common import iso, open_store, print_json
-from task_pipeline.commands.run import last_stderr_line
 from task_pipeline.errors import StoreError, UsageError
 from task_pipeline.report import Output, failures_table, table
 from task_pipeline.textsafe import block, one_line
 
 LOG_TAIL = 64 * 1024  # bytes of each log `logs` shows (the end is where the error is)
 
-COLUMNS = ("pending", "running", "leased", "done", "failed", "tainted")
+COLUMNS = overview.COLUMNS
 
 
 def cmd_status(a: Namespace, out: Output) -> int:
     opened = open_store(a)
     db, store = opened.db, opened.store
-    counts = queries.step_counts(db)
-    age = queries.oldest_pending_age(db)
-    failed = queries.failed_tasks(db, limit=5)
-    for f in failed:
-        f["stderr"] = last_stderr_line(store, f["stderr_hash"])
-    totals = {k: sum(c[k] for c in counts) for k in COLUMNS}
-    gathers = [{"step": g.step, "members": len(g.members or []), "gathered": None if g.fired is None else len(g.fired),
-                "task": g.fired_task, "due": g.due, "waiting": g.waiting if g.due else None}
-               for g in state.gather_states(db, full=True)]
+    doc = overview.status(db, store, opened.loc.describe())
     if a.json:
-        print_json({"store": opened.loc.describe(), "steps": counts, "totals": totals, "gathers": gathers,
-                    "oldest_pending_age": age,
-                    "runners": [{**r, "started_at": iso(r["started_at"]), "heartbeat": iso(r["heartbeat"])}
-                                for r in queries.runners(db)],
-                    "last_failures": [{**f, "finished_at": iso(f["finished_at"])} for f in failed]})
+        print_json(doc)
         return 0
+    counts, totals, age, failed = doc["steps"], doc["totals"], doc["oldest_pending_age"], doc["last_failures"]
+    gathers = doc["gathers"]
     show = [c for c in counts if c["in_manifest"] or any(c[k] for k in COLUMNS) or a.history]
     leased = totals["leased"] > 0
     cols = [k for k in COLUMNS if k != "leased" or leased]
