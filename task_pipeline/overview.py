@@ -36,6 +36,18 @@ def last_stderr_line(store: ObjectStore, h: str | None) -> str | None:
     return last_line(text) or None
 
 
+def gather_summary(g: dict) -> str:
+    """A gather step's state in a sentence (status prints it; the dashboard shows it)."""
+    text = f"gather step '{g['step']}': {g['members']} member(s)"
+    if not g["due"]:
+        return text + (f", gathered by task {g['task']}" if g["task"] else "")
+    if g["gathered"] is not None:
+        text += f" now, {g['gathered']} when task {g['task']} gathered them"
+    if g["waiting"]:
+        return text + f"; waits: {g['waiting']}"
+    return text + "; fires at the next run (under serve, once the set has settled)"
+
+
 def totals(counts: list[dict]) -> dict[str, int]:
     return {k: sum(c[k] for c in counts) for k in COLUMNS}
 
@@ -49,6 +61,8 @@ def status(db: Database, store: ObjectStore, where: str) -> dict:
     gathers = [{"step": g.step, "members": len(g.members or []), "gathered": None if g.fired is None else len(g.fired),
                 "task": g.fired_task, "due": g.due, "waiting": g.waiting if g.due else None}
                for g in state.gather_states(db, full=True)]
+    for g in gathers:
+        g["summary"] = gather_summary(g)
     return {"store": where, "steps": counts, "totals": totals(counts), "gathers": gathers,
             "oldest_pending_age": queries.oldest_pending_age(db),
             "runners": [{**r, "started_at": iso(r["started_at"]), "heartbeat": iso(r["heartbeat"])}

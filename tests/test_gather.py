@@ -126,8 +126,9 @@ def test_the_barrier_waits_for_slow_and_retried_upstream_work_then_fires_once(cl
     assert_clean(cli)
     # status, graph and why know the gather step
     st = json.loads(cli.ok("status", "-db", cli.db, "--json").out)
-    assert st["gathers"] == [{"step": "report", "members": 6, "gathered": 6, "task": gather_tasks(cli)[0][0],
-                              "due": False, "waiting": None}]
+    task = gather_tasks(cli)[0][0]
+    assert st["gathers"] == [{"step": "report", "members": 6, "gathered": 6, "task": task, "due": False,
+                              "waiting": None, "summary": f"gather step 'report': 6 member(s), gathered by task {task}"}]
     assert "gather step 'report': 6 member(s), gathered by task" in cli.ok("status", "-db", cli.db).out
     graph = json.loads(cli.ok("graph", "-db", cli.db, "--json").out)
     assert {n["id"]: n["gather"] for n in graph["nodes"]}["report"] is True

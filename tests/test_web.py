@@ -9,6 +9,7 @@ test_web_openapi.py, the dashboard in a real browser in test_web_dashboard.py.
 from __future__ import annotations
 
 import hashlib
+import html
 import importlib
 import json
 import os
@@ -230,6 +231,38 @@ def test_api_reads_match_the_cli(shared):
     observed = {(e["from"], e["to"]): e["observed"] for e in g["edges"] if e["observed"]}
     assert observed == {(e["from"], e["to"]): e["observed"] for e in want["edges"]} == \
         {("start", "process"): 4, ("process", "done"): 3}
+
+
+GATHER = """
+[[step]]
+name = "count"
+script = 'wc -c < "$INPUT_FILE" > "$OUTPUT_DIR/report_$INPUT_NAME"'
+
+[[step]]
+name = "report"
+gather = true
+settle = 0.5
+script = 'cat "$INPUT_DIR"/* > "$OUTPUT_DIR/done_total"'
+"""
+
+
+def test_the_dashboard_says_what_each_gather_step_waits_for(cli, http):
+    h = http(manifest=GATHER)
+    for i in range(3):
+        (cli.tmp / f"in{i}").write_text("x" * (i + 1))
+        cli.ok("submit", "count", cli.tmp / f"in{i}", "-db", cli.db)
+
+    def gathered():
+        g = h.status()["gathers"]
+        return g if g and g[0]["gathered"] == 3 and not g[0]["due"] else None
+
+    (g,) = wait_until(gathered, timeout=20, step=0.1)
+    assert g["summary"] == f"gather step 'report': 3 member(s), gathered by task {g['task']}"
+    page = h.get("/").text
+    shown = re.search(r'<li data-gather="report">(.*?)</li>', page, re.S)
+    assert shown and html.unescape(shown.group(1)).strip() == g["summary"], page
+    # the same sentence as `status` prints
+    assert g["summary"] in cli.ok("status", "-db", cli.db).out
 
 
 def test_errors_are_one_line(shared):

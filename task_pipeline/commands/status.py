@@ -41,23 +41,12 @@ def cmd_status(a: Namespace, out: Output) -> int:
     rows.append(["total", "", *[totals[k] for k in cols], ""])
     out.print(table(None, ["step", "version", *cols, "last error"], rows, right=cols))
     for g in gathers:
-        out.print(_gather_line(g))
+        out.print(g["summary"])
     if age is not None:
         out.print(f"oldest pending task: {age:.0f}s old")
     if failed:
         out.print(failures_table(failed))
     return 0
-
-
-def _gather_line(g: dict) -> str:
-    text = f"gather step '{g['step']}': {g['members']} member(s)"
-    if not g["due"]:
-        return text + (f", gathered by task {g['task']}" if g["task"] else "")
-    if g["gathered"] is not None:
-        text += f" now, {g['gathered']} when task {g['task']} gathered them"
-    if g["waiting"]:
-        return text + f"; waits: {g['waiting']}"
-    return text + "; fires at the next run (under serve, once the set has settled)"
 
 
 def cmd_logs(a: Namespace, out: Output) -> int:

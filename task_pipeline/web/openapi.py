@@ -35,7 +35,7 @@ SCHEMAS: dict[str, dict] = {
     "Failure": _obj({"task": INT, "step": STR, "input": STR, "exit": _nullable("integer"), "error": _nullable("string"),
                      "finished_at": TIME, "stderr_hash": _nullable("string"), "stderr": _nullable("string")}),
     "Gather": _obj({"step": STR, "members": INT, "gathered": _nullable("integer"), "task": _nullable("integer"),
-                    "due": BOOL, "waiting": _nullable("string")}),
+                    "due": BOOL, "waiting": _nullable("string"), "summary": STR}),
     "Status": _obj({"store": STR, "steps": {"type": "array", "items": _ref("StepCounts")},
                     "totals": _obj({k: INT for k in COUNTS}), "gathers": {"type": "array", "items": _ref("Gather")},
                     "oldest_pending_age": _nullable("number"),

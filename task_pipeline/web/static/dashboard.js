@@ -33,6 +33,10 @@
     for (const el of document.querySelectorAll("[data-total]")) {
       el.textContent = String(shown(doc.totals, el.dataset.total));
     }
+    const gathers = new Map((doc.gathers || []).map(function (g) { return [g.step, g.summary]; }));
+    for (const el of document.querySelectorAll("[data-gather]")) {
+      if (gathers.has(el.dataset.gather)) el.textContent = gathers.get(el.dataset.gather);
+    }
     const age = live.querySelector("[data-age]");
     if (age) {
       age.textContent = doc.oldest_pending_age === null ? "" : "oldest pending " + Math.round(doc.oldest_pending_age) + "s";
