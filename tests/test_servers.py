@@ -180,6 +180,10 @@ def test_net_host_leaves_nothing_behind() -> None:
     with NetHost() as host:
         name, veth = host.name, host.veth
         sleeper = host.popen(["sleep", "300"])
+        # `ip netns exec` joins the namespace a moment after it starts: wait for that, not for luck
+        deadline = time.monotonic() + 10
+        while sleeper.pid not in host.pids() and time.monotonic() < deadline:
+            time.sleep(0.02)
         assert sleeper.pid in host.pids()
         inside = host.run(["ip", "-o", "-4", "addr", "show"], capture_output=True, text=True, check=True).stdout
         assert f"inet {host.ip}/24" in inside
