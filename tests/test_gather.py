@@ -6,6 +6,7 @@ the tests whose SQL differs by backend on PostgreSQL too."""
 from __future__ import annotations
 
 import json
+import re
 import os
 import random
 import signal
@@ -581,3 +582,26 @@ def test_the_word_count_example_counts_each_document_once_and_reports_on_all_of_
     assert "report: gathering 6 member(s)" in r.err and "2 task(s) finished" in r.err  # the new count, the report
     assert final(cli)["done_report.txt"].startswith("documents: 6\nwords: 134\nmost frequent:\n    10 the\n")
     assert "every one byte-identical" in cli.ok("check", "report", "-db", cli.db).out
+
+
+def test_why_shows_where_each_member_began_also_a_submitted_file(cli):
+    m = cli.manifest("""
+        [[step]]
+        name = "count"
+        script = 'wc -c < "$INPUT_FILE" > "$OUTPUT_DIR/report_$INPUT_NAME"'
+
+        [[step]]
+        name = "report"
+        gather = true
+        script = 'cat "$INPUT_DIR"/* > "$OUTPUT_DIR/done_total"'
+        """)
+    cli.ok("run", m, "-db", cli.db)
+    for name, text in (("a.txt", "a\n"), ("b.txt", "bb\n")):
+        (cli.tmp / name).write_text(text)
+        cli.ok("submit", "count", cli.tmp / name, "-db", cli.db)
+    cli.ok("run", m, "-db", cli.db)
+    (total,) = [r for r in json.loads(cli.ok("export", "done", "-db", cli.db, "--json").out) if r["name"] == "done_total"]
+    why = cli.ok("why", total["hash"], "-db", cli.db).out
+    assert "2 member(s) gathered:" in why
+    assert re.search(r"a\.txt \(submitted\) -> count v1 \(task \d+\) -> report_a\.txt [0-9a-f]{12}", why), why
+    assert re.search(r"b\.txt \(submitted\) -> count v1 \(task \d+\) -> report_b\.txt [0-9a-f]{12}", why), why

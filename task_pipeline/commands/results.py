@@ -208,6 +208,7 @@ def _print_chain(chain: list[dict], out: Output, indent: int) -> None:
         if hop.get("members") is not None:
             out.print(one_line(f"{pad}{len(hop['members'])} member(s) gathered:"))
             for m in hop["members"]:
-                path = " -> ".join(_hop_text(x) for x in m["lineage"] if x["task"])
+                # a member's chain in one line: where it began (a start task, or a file someone submitted) on
+                path = " -> ".join(_hop_text(x) if x["task"] else f"{x['name']} (submitted)" for x in m["lineage"])
                 out.print(one_line(f"{pad}  {(path + ' -> ') if path else ''}{m['name']} {m['object'][:12]}"))
         out.print(one_line(f"{pad}{_hop_text(hop)} -> {hop['name']} {hop['object'][:12]}"))
