@@ -10,7 +10,6 @@ given. Directories are created with fixed modes, whatever the umask.
 
 from __future__ import annotations
 
-import errno
 import os
 import stat
 
@@ -165,7 +164,3 @@ def _user(uid: int) -> str:
         return pwd.getpwuid(uid).pw_name
     except (KeyError, ImportError):
         return f"uid {uid}"
-
-
-def is_disk_full(err: OSError) -> bool:
-    return err.errno in (errno.ENOSPC, errno.EDQUOT)

@@ -35,10 +35,6 @@ def this_host() -> str:
     return f"{name}~{token}"
 
 
-def same_host(host: str) -> bool:
-    return host == this_host()
-
-
 def display(host: str) -> str:
     """The host name people know, without the token."""
     return host.split("~", 1)[0]
