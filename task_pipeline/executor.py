@@ -1,9 +1,11 @@
 """Executor: one attempt of one task, start to finish, synchronously (SPEC section 3).
 
-Runs in a worker thread: take a scratch slot, make the attempt's directories,
-copy in the input (checking its hash), run the script in its own process group,
-store what it left in OUTPUT_DIR, remove the attempt's directories. Nothing here
-touches the database; the result goes back to the engine, which commits it.
+Runs in a worker thread: take a scratch slot, get the attempt's directories,
+copy in the input (checking its hash), have the launcher process run the script
+in its own process group (launcher.py), store what it left in OUTPUT_DIR, empty
+or remove the attempt's directories.
+Nothing here touches the database; the result goes back to the engine, which
+commits it.
 
 The script can change anything in its slot while it runs, and a process it
 started with `setsid` can go on changing it afterwards. So every file operation
@@ -12,22 +14,32 @@ on the slot goes through directory file descriptors opened with O_NOFOLLOW
 attempt gets directories under a new name: a straggler of an earlier attempt
 cannot write into a later one's OUTPUT_DIR, and nothing outside the slot is
 ever read, moved or deleted, whatever the script put in it.
+
+Directories are reused, renamed, when nothing of the attempt can still be
+running: making a directory costs ext4 a tenth to a fifth of a millisecond of
+CPU (its allocator searches block groups), four of them per attempt were the
+largest cost of a tiny task, and removing them was the next. The launcher knows
+that nothing is left: it is the child subreaper of its scripts, so a process
+that left a script's process group is handed to it when its parent ends.
 """
 
 from __future__ import annotations
 
 import errno
+import functools
 import os
+import shutil
 import signal
 import stat
-import subprocess
 import threading
 import time
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from task_pipeline import fsutil, members
+from task_pipeline import fsutil, members, timeline
+from task_pipeline.launcher import Launcher
 from task_pipeline.state import Claimed, Result
 from task_pipeline.store import Cancelled, ObjectError, ObjectStore, OutputChanged, StoreUnavailable, hash_fd
 
@@ -36,6 +48,7 @@ DISK_FULL_BELOW = 256 * 1024  # bytes free on the scratch filesystem after an at
 _DISK_FULL_WORDS = (b"No space left on device", b"Disk quota exceeded")
 
 
+AHEAD_MAX = 256 * 1024  # bytes: an input up to this size is copied in while the attempt waits for a script slot
 STDERR_RESERVE = 64 * 1024  # bytes of disk held for each script's stderr, so a full disk cannot silence it
 
 try:
@@ -74,96 +87,128 @@ class StoreWriteError(Exception):
 
 
 class ProcessTable:
-    """The process groups of running scripts, so that shutdown can stop them all."""
+    """The scripts of this engine: they run in the launcher process (launcher.py), at most
+    `scripts` at once; this is how the engine stops them all, or some."""
 
-    def __init__(self) -> None:
+    def __init__(self, scripts: int | None = None) -> None:
         self._lock = threading.Lock()
-        self._groups: dict[int, tuple[subprocess.Popen, int]] = {}   # pgid -> (process, task id)
+        self._tasks: Counter = Counter()   # tasks with a script at the launcher (queued or running)
         self.stopping = False
+        self.closed = False                # no new script may start (the engine stopped claiming)
         self.abandon = threading.Event()   # set when storing outputs must stop too (grace is over)
+        self.devnull = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
+        self.launcher = Launcher(scripts)
 
-    def add(self, proc: subprocess.Popen, task_id: int) -> None:
+    def run(self, task_id: int, *args) -> tuple:
         with self._lock:
-            self._groups[proc.pid] = (proc, task_id)
-
-    def remove(self, proc: subprocess.Popen) -> None:
-        with self._lock:
-            self._groups.pop(proc.pid, None)
+            self._tasks[task_id] += 1
+        try:
+            return self.launcher.run(task_id, *args)
+        finally:
+            with self._lock:
+                self._tasks[task_id] -= 1
+                if not self._tasks[task_id]:
+                    del self._tasks[task_id]
 
     def signal_all(self, sig: int) -> int:
         """Signal every running script's process group; their attempts will be re-queued, not failed."""
         with self._lock:
             self.stopping = True
-            groups = list(self._groups)
-        for pgid in groups:
-            _killpg(pgid, sig)
-        return len(groups)
+            n = len(self._tasks)
+        self.launcher.signal_all(sig)
+        return n
 
     def kill_tasks(self, task_ids: set[int]) -> int:
         """Stop the scripts of tasks whose lease this runner lost (another runner may have them now)."""
         with self._lock:
-            groups = [pgid for pgid, (_, t) in self._groups.items() if t in task_ids]
-        for pgid in groups:
-            _killpg(pgid, signal.SIGKILL)
-        return len(groups)
+            n = len(task_ids & self._tasks.keys())
+        self.launcher.kill(task_ids)
+        return n
 
+    def close_gate(self) -> None:
+        """Start no more scripts: those waiting for a slot come back not started."""
+        self.closed = True
+        self.launcher.close_gate()
 
-def _killpg(pgid: int, sig: int) -> None:
-    try:
-        os.killpg(pgid, sig)
-    except (ProcessLookupError, PermissionError):
-        pass
+    def close(self) -> None:
+        self.launcher.stop()
+        os.close(self.devnull)
 
 
 # -- scratch -----------------------------------------------------------------------------------
 
 
 @dataclass
-class Slot:
-    """A runner's scratch directory, reused by its attempts one after another."""
+class AttemptDirs:
+    """One attempt's directories: <slot>/a<N>/{in,out,tmp}, plus its stdout and stderr files.
+
+    When they are reused, the files are too (the input copy renamed for the next input):
+    on a filesystem where freeing an inode makes later allocations slower (ext4 without a
+    journal skips inodes freed in the last minutes, one by one), a tiny task frees none."""
 
     path: str
     fd: int
-    made: int = 0                      # attempt directories made in it (a<N>: N is never reused)
+    in_fd: int
+    out_fd: int
+    tmp_fd: int
+    stats: tuple[os.stat_result, ...]  # of a<N>, in, out and tmp as they were made
+    input_name: str | None = None      # the input copy in in/
+    input_fd: int | None = None        # open for writing (the file itself is read-only)
+    logs: tuple[int, int] | None = None  # stdout and stderr, open
+    reusable: bool = False             # nothing the attempt started can still be running
+
+    @property
+    def name(self) -> str:
+        return os.path.basename(self.path)
+
+    @property
+    def out_stat(self) -> os.stat_result:
+        return self.stats[2]
+
+    def close(self) -> None:
+        for fd in (self.input_fd, *(self.logs or ()), self.in_fd, self.out_fd, self.tmp_fd, self.fd):
+            try:
+                if fd is not None:
+                    os.close(fd)
+            except OSError:
+                pass
+        self.input_fd = self.logs = None
+
+
+@dataclass
+class Slot:
+    """A runner's scratch directory, used by its attempts one after another."""
+
+    path: str
+    fd: int
+    made: int = 0                      # attempt directory names given out (a<N>: N is never reused)
+    spare: AttemptDirs | None = None   # the last attempt's directories, emptied, to be renamed for the next
 
     def next_name(self) -> str:
         self.made += 1
         return f"a{self.made}"
 
 
-@dataclass
-class AttemptDirs:
-    """One attempt's directories: <slot>/a<N>/{in,out,tmp}, plus its stdout and stderr files."""
-
-    path: str
-    fd: int
-    in_fd: int
-    out_fd: int
-    out_stat: os.stat_result
-    input_name: str | None = None      # the input copy made in in/
-
-    def close(self) -> None:
-        for fd in (self.in_fd, self.out_fd, self.fd):
-            try:
-                os.close(fd)
-            except OSError:
-                pass
-
-
 class Slots:
     """Scratch slots: one per task running at once, each a directory `task-slotN-<nonce>-<pid>`
     (housekeeping tells a dead runner's scratch by the pid), opened once and reused.
 
-    Every attempt works in a fresh subdirectory `a<N>` of its slot (a name never used again),
-    removed by the worker when the attempt is over. (A janitor thread doing that, and making
-    the next directories ahead, was measured: the GIL it takes between syscalls made every
-    worker's Popen half a millisecond slower, more than the work it took over.) What cannot be
-    removed (a straggler still writing there) goes with the slot when the runner closes it, or
-    with the next sweep.
+    Every attempt works in a subdirectory `a<N>` of its slot, a name never used again. When the
+    attempt left nothing running and its directories are still the ones made (no script
+    replaced or re-moded one), they are emptied and renamed for the slot's next attempt: a
+    rename costs a tenth of the mkdirs and rmdirs it saves. Otherwise they are removed, and
+    the next attempt gets new ones. (A janitor thread doing that work ahead was measured: the
+    GIL it takes between syscalls made every worker's Popen half a millisecond slower.) What
+    cannot be removed (a straggler still writing there) goes with the slot when the runner
+    closes it, or with the next sweep.
     """
 
-    def __init__(self, scratch: Path) -> None:
+    def __init__(self, scratch: Path, large_at_once: int | None = None) -> None:
         self.scratch = Path(scratch).absolute()
+        # Attempts are prepared ahead of a free script slot (executor workers outnumber script slots
+        # twice), which would double the scratch that large inputs take: at most this many attempts
+        # with an input over AHEAD_MAX are under way at once, as many as scripts may run.
+        self.large = threading.BoundedSemaphore(large_at_once) if large_at_once else None
         self._lock = threading.Lock()
         self._free: list[Slot] = []
         self._all: list[Slot] = []
@@ -190,31 +235,51 @@ class Slots:
 
     def begin(self, slot: Slot) -> AttemptDirs:
         name = slot.next_name()
+        spare, slot.spare = slot.spare, None
+        if spare is not None:
+            try:
+                os.rename(spare.name, name, src_dir_fd=slot.fd, dst_dir_fd=slot.fd)
+            except OSError:
+                self._discard(slot, spare)
+            else:
+                spare.path, spare.reusable = f"{slot.path}/{name}", False
+                return spare
         _make_attempt_dirs(slot.fd, name)
-        fd = fsutil.open_dir(name, slot.fd)
+        fds: list[int] = []
         try:
-            in_fd = fsutil.open_dir("in", fd)
-            out_fd = fsutil.open_dir("out", fd)
+            fds.append(fsutil.open_dir(name, slot.fd))
+            for sub in ("in", "out", "tmp"):
+                fds.append(fsutil.open_dir(sub, fds[0]))
         except BaseException:
-            os.close(fd)
+            for fd in fds:
+                os.close(fd)
             raise
-        return AttemptDirs(f"{slot.path}/{name}", fd, in_fd, out_fd, os.fstat(out_fd))
+        return AttemptDirs(f"{slot.path}/{name}", *fds, stats=tuple(os.fstat(fd) for fd in fds))
 
     def release(self, slot: Slot, dirs: AttemptDirs | None) -> None:
         if dirs is not None:
-            dirs.close()
-            try:
-                _remove_attempt(slot.fd, os.path.basename(dirs.path), dirs.input_name)
-            except OSError:
-                pass  # removed with the whole slot at close
+            if dirs.reusable and _empty_for_reuse(slot.fd, dirs):
+                slot.spare = dirs
+            else:
+                self._discard(slot, dirs)
         with self._lock:
             self._free.append(slot)
+
+    @staticmethod
+    def _discard(slot: Slot, dirs: AttemptDirs) -> None:
+        dirs.close()
+        try:
+            _remove_attempt(slot.fd, dirs.name, dirs.input_name)
+        except OSError:
+            pass  # removed with the whole slot at close
 
     def close(self) -> None:
         with self._lock:
             slots, self._free, self._all = self._all, [], []
         for slot in slots:
             name = os.path.basename(slot.path)
+            if slot.spare is not None:
+                slot.spare.close()
             os.close(slot.fd)
             try:
                 base = fsutil.open_dir(str(self.scratch))
@@ -256,6 +321,61 @@ def _remove_attempt(slot_fd: int, name: str, input_name: str | None) -> None:
     os.rmdir(name, dir_fd=slot_fd)
 
 
+def _empty_for_reuse(slot_fd: int, dirs: AttemptDirs) -> bool:
+    """Empty an attempt's directories and files for the slot's next attempt. Only when each is
+    still the one that was made, with its mode, and nothing else is there but what the script
+    left in out/ and tmp/: otherwise False, and they are removed instead. Nothing of the attempt
+    is running (AttemptDirs.reusable), so nothing changes them while we look."""
+    try:
+        expect = [os.fstat(dirs.fd)]
+        found = [os.stat(dirs.name, dir_fd=slot_fd, follow_symlinks=False)]
+        for sub, fd in (("in", dirs.in_fd), ("out", dirs.out_fd), ("tmp", dirs.tmp_fd)):
+            expect.append(os.fstat(fd))
+            found.append(os.stat(sub, dir_fd=dirs.fd, follow_symlinks=False))
+        for now, made in zip(found, dirs.stats):
+            if not fsutil.same_inode(now, made) or now.st_mode != made.st_mode:
+                return False
+        names = ["in", "out", "tmp"]
+        if dirs.logs is not None:
+            names += ["stderr", "stdout"]
+            for name, fd in zip(("stdout", "stderr"), dirs.logs):
+                if not fsutil.same_inode(os.stat(name, dir_fd=dirs.fd, follow_symlinks=False), os.fstat(fd)):
+                    return False
+        if sorted(os.listdir(dirs.fd)) != sorted(names):
+            return False
+        if dirs.input_fd is not None:
+            mine = os.fstat(dirs.input_fd)
+            try:
+                there = os.stat(dirs.input_name, dir_fd=dirs.in_fd, follow_symlinks=False)
+            except FileNotFoundError:
+                there = None
+            if (there is None or not fsutil.same_inode(there, mine) or os.listdir(dirs.in_fd) != [dirs.input_name]
+                    or mine.st_nlink != 1):
+                os.close(dirs.input_fd)  # a gather task's members, or something the script did: start afresh
+                dirs.input_fd = None
+        if dirs.input_fd is None and os.listdir(dirs.in_fd):
+            fsutil.empty_dir_fd(dirs.in_fd)
+        for fd in (dirs.out_fd, dirs.tmp_fd):
+            if os.listdir(fd):
+                fsutil.empty_dir_fd(fd)
+        # Emptying a file frees its blocks, which on a filesystem mounted with `discard` waits for the
+        # disk to trim them: the input copy is overwritten instead (and cut to size), and logs are
+        # usually empty already.
+        for fd in dirs.logs or ():
+            if os.fstat(fd).st_size:
+                os.ftruncate(fd, 0)
+            os.lseek(fd, 0, os.SEEK_SET)
+        if dirs.input_fd is not None:
+            os.lseek(dirs.input_fd, 0, os.SEEK_SET)
+            if mine.st_size > AHEAD_MAX:
+                os.ftruncate(dirs.input_fd, 0)  # an idle slot keeps no large copy
+            if stat.S_IMODE(mine.st_mode) != 0o444:
+                os.fchmod(dirs.input_fd, 0o444)
+    except OSError:
+        return False
+    return True
+
+
 def _make_attempt_dirs(slot_fd: int, name: str) -> None:
     fsutil.make_dir(name, 0o700, dir_fd=slot_fd)
     fd = fsutil.open_dir(name, slot_fd)
@@ -289,9 +409,14 @@ def execute(job: Job, procs: ProcessTable, slots: Slots) -> Result:
                  ok=False, started_at=started, finished_at=started,
                  retries=step.policy.retries, retry_delay=step.policy.retry_delay)
     dirs = None
+    large = slots.large if c.input_size > AHEAD_MAX else None
+    if large is not None:
+        large.acquire()
     try:
         slot = slots.acquire()
     except OSError as e:
+        if large is not None:
+            large.release()
         res.interrupted, res.store_trouble = True, True
         res.error = f"cannot prepare scratch space in {slots.scratch}: {e.strerror}"
         return res
@@ -309,7 +434,34 @@ def execute(job: Job, procs: ProcessTable, slots: Slots) -> Result:
     finally:
         res.finished_at = time.time()
         slots.release(slot, dirs)
+        if large is not None:
+            large.release()
+        timeline.mark(c.task_id, "finished")
     return res
+
+
+def _input_file(dirs: AttemptDirs, name: str) -> int:
+    """The input copy `name` in in/, open for writing at its start: the last attempt's, renamed (its old
+    bytes are overwritten, then cut off), or a new one."""
+    if dirs.input_fd is not None:
+        if dirs.input_name != name:
+            os.rename(dirs.input_name, name, src_dir_fd=dirs.in_fd, dst_dir_fd=dirs.in_fd)
+            dirs.input_name = name
+        return dirs.input_fd
+    # read and write: a gather task's listing is read back (members.py)
+    dirs.input_fd = os.open(name, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o444,
+                            dir_fd=dirs.in_fd)
+    dirs.input_name = name
+    return dirs.input_fd
+
+
+@functools.lru_cache(maxsize=64)
+def _which(shell: str, path: str | None) -> str:
+    """The shell's path, looked up once: left to subprocess, the search runs in the forked child on
+    every spawn, one failed exec per PATH entry before the right one, while the spawning thread waits."""
+    if "/" in shell:
+        return shell
+    return shutil.which(shell, path=path if path is not None else os.defpath) or shell
 
 
 def input_file_name(name: str) -> str:
@@ -323,21 +475,19 @@ def _run(job: Job, procs: ProcessTable, dirs: AttemptDirs, res: Result) -> None:
     c = job.claimed
     step = c.step
     in_name = input_file_name(c.input_name)
-    dirs.input_name = in_name
     members_dir = None
     try:
-        # a gather task's input is the listing of its members, read back to lay them out (members.py)
-        fd = os.open(in_name, (os.O_RDWR if step.policy.gather else os.O_WRONLY) | os.O_CREAT | os.O_EXCL
-                     | os.O_NOFOLLOW | os.O_CLOEXEC, 0o444, dir_fd=dirs.in_fd)
-        try:
-            size = job.store.copy_to_fd(c.input_hash, fd) if c.input_hash else 0
-            if step.policy.gather:
-                members_dir = members.lay_out(job.store, dirs.in_fd, fd, size)
-        finally:
-            os.close(fd)
+        fd = _input_file(dirs, in_name)
+        size = job.store.copy_to_fd(c.input_hash, fd) if c.input_hash else 0
+        if os.fstat(fd).st_size != size:
+            os.ftruncate(fd, size)  # a reused copy: cut off what is left of the last input
+        if step.policy.gather:
+            # a gather task's input is the listing of its members, read back to lay them out
+            members_dir = members.lay_out(job.store, dirs.in_fd, fd, size)
     except (ObjectError, members.MembersError) as e:
         # Missing or damaged: running the script cannot help, and retrying cannot either.
         res.error, res.final = f"input {c.input_name!r}: {e}", True
+        dirs.reusable = True
         return
     except StoreUnavailable as e:
         raise StoreWriteError(str(e)) from None
@@ -355,77 +505,70 @@ def _run(job: Job, procs: ProcessTable, dirs: AttemptDirs, res: Result) -> None:
         env["INPUT_DIR"] = f"{dirs.path}/in/{members_dir}"
     env.update(step.env)
     timed_out = False
-    flags = os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
-    so = os.open("stdout", flags, 0o600, dir_fd=dirs.fd)
-    se = os.open("stderr", flags, 0o600, dir_fd=dirs.fd)
+    if dirs.logs is None:
+        flags = os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+        so = os.open("stdout", flags, 0o600, dir_fd=dirs.fd)
+        try:
+            dirs.logs = (so, os.open("stderr", flags, 0o600, dir_fd=dirs.fd))
+        except BaseException:
+            os.close(so)
+            raise
+    so, se = dirs.logs
     if _low_on_space(dirs.fd):
         _reserve(se, STDERR_RESERVE)
-    try:
-        try:
-            proc = subprocess.Popen(
-                [step.shell, "-c", step.script], cwd=job.workdir, env=env, stdin=subprocess.DEVNULL,
-                stdout=so, stderr=se, start_new_session=True,
-            )
-        except OSError as e:
-            missing = job.workdir if not os.path.isdir(job.workdir) else step.shell
-            res.error = f"cannot start '{step.shell}' in {job.workdir}: {missing}: {e.strerror}"
-            res.exit_code = 127
-            return
-        procs.add(proc, c.task_id)
-        try:
-            try:
-                rc = proc.wait(timeout=step.policy.timeout)
-            except subprocess.TimeoutExpired:
-                timed_out = True
-                _killpg(proc.pid, signal.SIGTERM)
-                try:
-                    rc = proc.wait(timeout=KILL_GRACE)
-                except subprocess.TimeoutExpired:
-                    _killpg(proc.pid, signal.SIGKILL)
-                    rc = proc.wait()
-        finally:
-            # Background children must not outlive the attempt (or write into OUTPUT_DIR while we read it).
-            _killpg(proc.pid, signal.SIGKILL)
-            procs.remove(proc)
+    timeline.mark(c.task_id, "ready")
+    reply = procs.run(c.task_id, _which(step.shell, env.get("PATH")), [step.shell, "-c", step.script], env,
+                      str(job.workdir), step.policy.timeout, KILL_GRACE, (procs.devnull, so, se))
+    if reply[0] == "skipped":
+        # stopped (or its lease lost) while it waited for a script slot: it never ran
+        res.interrupted, res.started, res.error = True, False, "not started: shutting down"
+        dirs.reusable = True
+        return
+    if reply[0] == "failed":
+        missing = job.workdir if not os.path.isdir(job.workdir) else step.shell
+        res.error = f"cannot start '{step.shell}' in {job.workdir}: {missing}: {reply[2]}"
+        res.exit_code = 127
+        dirs.reusable = True
+        return
+    _, rc, timed_out, dirs.reusable, spawned_at, exited_at = reply
+    timeline.mark(c.task_id, "spawned", spawned_at)
+    timeline.mark(c.task_id, "exited", exited_at)
 
-        res.exit_code = rc
-        stderr_size = os.fstat(se).st_size
-        res.stderr_tail = _tail(se, stderr_size) if stderr_size else ""
-        full = _disk_full(dirs.path, rc, res.stderr_tail)
-        if full and not timed_out:
-            # The script ran out of space (a failed write, or a truncated output if it ignored the error):
-            # not its fault and not trustworthy either way. The task goes back to the queue and the run stops.
-            raise StoreWriteError(f"cannot run {step.name}#{c.task_id}: the disk holding "
-                                  f"{os.path.dirname(os.path.dirname(dirs.path))} is full ({full}); free some space "
-                                  f"and run again")
-        if timed_out:
-            res.error = f"timed out after {step.policy.timeout:g}s"
-        elif procs.stopping and rc != 0:
-            res.interrupted = True
-            res.error = "stopped by shutdown"
-        elif rc < 0:
-            res.error = f"killed by signal {_signame(-rc)}"
-        elif rc != 0:
-            res.error = f"exit code {rc}"
+    res.exit_code = rc
+    stderr_size = os.fstat(se).st_size
+    res.stderr_tail = _tail(se, stderr_size) if stderr_size else ""
+    full = _disk_full(dirs.path, rc, res.stderr_tail)
+    if full and not timed_out:
+        # The script ran out of space (a failed write, or a truncated output if it ignored the error):
+        # not its fault and not trustworthy either way. The task goes back to the queue and the run stops.
+        raise StoreWriteError(f"cannot run {step.name}#{c.task_id}: the disk holding "
+                              f"{os.path.dirname(os.path.dirname(dirs.path))} is full ({full}); free some space "
+                              f"and run again")
+    if timed_out:
+        res.error = f"timed out after {step.policy.timeout:g}s"
+    elif procs.stopping and rc != 0:
+        res.interrupted = True
+        res.error = "stopped by shutdown"
+    elif rc < 0:
+        res.error = f"killed by signal {_signame(-rc)}"
+    elif rc != 0:
+        res.error = f"exit code {rc}"
+    else:
+        res.outputs, problem = collect_outputs(dirs, job.store, procs.abandon.is_set, keep=not job.dry)
+        if problem:
+            res.error = problem
         else:
-            res.outputs, problem = collect_outputs(dirs, job.store, procs.abandon.is_set, keep=not job.dry)
-            if problem:
-                res.error = problem
-            else:
-                res.ok = True
-                if job.inspect is not None:
-                    job.inspect(dirs.out_fd, res.outputs)
-        if job.dry:
-            return  # nothing of a check is kept, not even its logs
-        res.stdout = _store_log(job.store, so)
-        res.stderr = _store_log(job.store, se)
-        if res.stderr is None and stderr_size and not res.ok:
-            # the log of a failure is what the user needs most: losing it means the store is in trouble
-            raise StoreWriteError(f"cannot keep the stderr of {step.name}#{c.task_id}: the store cannot take it "
-                                  f"(disk full?); free some space and run again")
-    finally:
-        os.close(so)
-        os.close(se)
+            res.ok = True
+            if job.inspect is not None:
+                job.inspect(dirs.out_fd, res.outputs)
+    if job.dry:
+        return  # nothing of a check is kept, not even its logs
+    res.stdout = _store_log(job.store, so)
+    res.stderr = _store_log(job.store, se)
+    if res.stderr is None and stderr_size and not res.ok:
+        # the log of a failure is what the user needs most: losing it means the store is in trouble
+        raise StoreWriteError(f"cannot keep the stderr of {step.name}#{c.task_id}: the store cannot take it "
+                              f"(disk full?); free some space and run again")
 
 
 def _disk_full(path: str, rc: int, stderr_tail: str) -> str | None:
@@ -463,9 +606,12 @@ def collect_outputs(dirs: AttemptDirs, store: ObjectStore, cancel=None, *,
     if now is None or not fsutil.same_inode(now, dirs.out_stat) or not stat.S_ISDIR(now.st_mode):
         return [], ("OUTPUT_DIR was removed or replaced (by a symlink or another directory) during the attempt; "
                     "write files into it, do not replace it")
+    # Stored in the directory's own order, then sorted: each name is looked up twice (open, rename),
+    # and ext4 without dir_index searches a directory linearly from where its last lookup hit, so
+    # in name order a script's 2,000 outputs took quadratic time, in directory order linear.
     with os.scandir(dirs.out_fd) as it:
-        entries = sorted(it, key=lambda e: e.name)
-    for e in entries:
+        entries = list(it)
+    for e in sorted(entries, key=lambda e: e.name):
         if not isinstance(e.name, str):
             continue
         name = e.name
@@ -509,6 +655,7 @@ def collect_outputs(dirs: AttemptDirs, store: ObjectStore, cancel=None, *,
         finally:
             os.close(fd)
         outputs.append((name, h, size))
+    outputs.sort()
     return outputs, None
 
 

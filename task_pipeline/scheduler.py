@@ -28,6 +28,7 @@ and the run ends with the error.
 
 from __future__ import annotations
 
+import asyncio
 import gc
 import math
 import os
@@ -42,9 +43,10 @@ from typing import Callable, Protocol
 
 import anyio
 import anyio.from_thread
+import anyio.lowlevel
 import anyio.to_thread
 
-from task_pipeline import housekeeping, state
+from task_pipeline import housekeeping, state, timeline
 from task_pipeline.db import Database, DatabaseUnavailable
 from task_pipeline.errors import StoreError
 from task_pipeline.executor import KILL_GRACE, Job, ProcessTable, Slots, execute
@@ -145,6 +147,7 @@ class Board:
             for c in claimed:
                 self.queued.setdefault(c.step.name, deque()).append(c)
                 self.held[c.task_id] = c.token
+                timeline.mark(c.task_id, "leased")
             self.cond.notify_all()
 
     def take(self) -> Claimed | None:
@@ -156,6 +159,7 @@ class Board:
                         self.running[name] += 1
                         c = q.popleft()
                         self.started[c.task_id] = c.token
+                        timeline.mark(c.task_id, "taken")
                         return c
                 self.cond.wait()
             return None
@@ -261,13 +265,16 @@ async def run_engine(db: Db, store: ObjectStore, opts: EngineOptions, reporter: 
     gc.set_threshold(50_000, 20, 20)
     await db(state.register_runner, owner, opts.kind)
     await reclaim(db, store, opts.scratch, shared=opts.scratch_shared)
-    procs = ProcessTable()
-    slots = Slots(opts.scratch)
+    procs = ProcessTable(scripts=opts.parallel)
+    slots = Slots(opts.scratch, large_at_once=opts.parallel)
     await anyio.to_thread.run_sync(lambda: store.empty)
     base_env = {k: v for k, v in os.environ.items() if k not in opts.env_drop}
     lookahead = max(opts.parallel, LOOKAHEAD)
-    board = Board(opts.parallel, lookahead)
-    threads = anyio.CapacityLimiter(opts.parallel)
+    # Twice as many workers as scripts may run: while `parallel` of them wait for their scripts, the
+    # others prepare the next attempts and store the last ones' outputs (the launcher holds the line).
+    workers = 2 * opts.parallel
+    board = Board(workers, lookahead)
+    threads = anyio.CapacityLimiter(workers)
     summary = Summary()
     committing = [0]   # results collected from the board, being committed
     flags = _Flags()
@@ -277,9 +284,26 @@ async def run_engine(db: Db, store: ObjectStore, opts: EngineOptions, reporter: 
     heart = await db(lambda d: d.sibling()) if opts.lease else None
     watcher = await db(lambda d: d.watcher()) if watch else None
 
+    def close_board() -> list[Claimed]:
+        """No more tasks handed out, and no more scripts started; returns the tasks leased but not taken."""
+        if not procs.closed:
+            procs.close_gate()
+        return board.close()
+
     def poke() -> None:
+        poked.clear()
         wake[0].set()
         results[0].set()
+
+    # Workers tell the event loop without waiting for it: a blocking anyio.from_thread.run_sync per
+    # result cost a round trip through the loop thread (and its GIL hand-offs) on every tiny task.
+    poked = threading.Event()   # a poke is on its way: no need for another
+    loop_token = _call_soon_threadsafe()
+
+    def poke_from_thread() -> None:
+        if not poked.is_set():
+            poked.set()
+            loop_token(poke)
 
     def work() -> None:
         """A worker thread's life: run tasks until the board closes. If anything escapes
@@ -296,14 +320,14 @@ async def run_engine(db: Db, store: ObjectStore, opts: EngineOptions, reporter: 
                                        error=f"the worker running it failed: {type(e).__name__}"))
                 board.fail(e)
                 try:
-                    anyio.from_thread.run_sync(poke)
+                    poke_from_thread()
                 except Exception:  # noqa: BLE001 - the loop is gone already
                     pass
                 return
             if c.task_id in board.lost and not res.ok:
                 res.interrupted, res.error = True, "lost its lease (the database could not be reached to renew it)"
             if board.finish(c, res):
-                anyio.from_thread.run_sync(poke)
+                poke_from_thread()
 
     async def worker() -> None:
         try:
@@ -335,8 +359,14 @@ async def run_engine(db: Db, store: ObjectStore, opts: EngineOptions, reporter: 
             # Objects reach the disk before the rows that refer to them. The flush runs
             # outside the database thread so that claiming goes on meanwhile.
             if any(r.ok for r in batch):
+                timeline.engine("sync+")
                 await anyio.to_thread.run_sync(_sync, store)
+                timeline.engine("sync-")
+            timeline.engine("commit+")
             rep = await db(state.commit, batch, owner, started)
+            timeline.engine("commit-")
+            for r in batch:
+                timeline.mark(r.task_id, "committed")
         except StoreError as e:
             store_trouble(str(e))
             rep = CommitReport(requeued=batch)
@@ -480,16 +510,19 @@ async def run_engine(db: Db, store: ObjectStore, opts: EngineOptions, reporter: 
                 # that batch is used up, so that one claim transaction serves many tasks.
                 running, queued = board.snapshot()
                 n_queued = sum(queued.values())
-                room = opts.parallel + lookahead - sum(running.values()) - n_queued
+                room = workers + lookahead - sum(running.values()) - n_queued
                 if committing[0] + len(board.results) >= MAX_WAITING or n_queued > lookahead // 2:
                     room = 0
                 if time.monotonic() < flags.paused_until:
                     room = 0
                 if room > 0:
                     caps = partial(_caps, opts=opts, running=running, queued=queued)
-                    board.add(await db(state.claim, owner, caps, room, opts.lease))
+                    timeline.engine("claim+")
+                    claimed = await db(state.claim, owner, caps, room, opts.lease)
+                    timeline.engine("claim-")
+                    board.add(claimed)
             else:
-                left = board.close()
+                left = close_board()
                 if left:
                     await commit(give_back(left, "not started: shutting down"), {})
             total = board.busy + committing[0]
@@ -532,27 +565,29 @@ async def run_engine(db: Db, store: ObjectStore, opts: EngineOptions, reporter: 
                 tg.start_soon(watchdog)
             if stop is not None:
                 tg.start_soon(drain_on_stop)
-            for _ in range(opts.parallel):
+            for _ in range(workers):
                 tg.start_soon(worker)
             try:
                 await main_loop()
             except BaseException:
                 # the database is gone or something broke: running scripts cannot be committed, so stop
                 # them now rather than let the task group wait for them to end by themselves
-                board.close()
+                close_board()
                 procs.abandon.set()
                 procs.signal_all(signal.SIGKILL)
                 raise
-            board.close()
+            close_board()
             tg.cancel_scope.cancel()
     finally:
-        board.close()
+        close_board()
+        timeline.write()
         with anyio.CancelScope(shield=True):
             try:
                 await db(state.unregister_runner, owner)
             except Exception:  # noqa: BLE001 - the row goes stale; gc and others treat it as dead
                 pass
             await anyio.to_thread.run_sync(slots.close)
+            await anyio.to_thread.run_sync(procs.close)
             for extra in (heart, watcher):
                 if extra is not None:
                     await anyio.to_thread.run_sync(extra.close)
@@ -561,6 +596,16 @@ async def run_engine(db: Db, store: ObjectStore, opts: EngineOptions, reporter: 
                             f"its tasks went back to the queue") from board.fatal
     summary.elapsed = time.monotonic() - summary.started
     return summary
+
+
+def _call_soon_threadsafe() -> Callable[[Callable[[], None]], None]:
+    """A way for threads to have the event loop call a function soon, without waiting for it."""
+    try:
+        loop = asyncio.get_running_loop()
+    except RuntimeError:  # not asyncio (trio): its token does the same, waiting for the call
+        token = anyio.lowlevel.current_token()
+        return lambda fn: anyio.from_thread.run_sync(fn, token=token)
+    return loop.call_soon_threadsafe
 
 
 class EngineFailure(StoreError):

@@ -547,6 +547,7 @@ class Claimed:
     input_hash: str
     runset: str
     workdir: Path | None
+    input_size: int = 0
 
 
 def claim(db: Database, owner: str, caps: Callable[[Pipeline], dict[str, int]], room: int,
@@ -557,13 +558,13 @@ def claim(db: Database, owner: str, caps: Callable[[Pipeline], dict[str, int]], 
     A step's `parallel` limit counts the tasks leased by every runner on the store (on any
     host): the step's lock is held while they are counted and claimed.
     """
-    out: list[Claimed] = []
+    got: list = []
     with db.transaction(shared=True):
         now = db.clock()
         pipe = load_pipeline(db)
         for name, cap in caps(pipe).items():
             step = pipe.steps.get(name)
-            n = min(cap, room - len(out))
+            n = min(cap, room - len(got))
             if n <= 0 or step is None or not step.in_manifest:
                 continue
             if step.policy.parallel is not None:
@@ -581,9 +582,16 @@ def claim(db: Database, owner: str, caps: Callable[[Pipeline], dict[str, int]], 
                 (owner, now + lease, step.step_id, now, n),
             ).fetchall()
             rows.sort(key=lambda r: r["id"])
-            out += [Claimed(r["id"], r["token"], r["attempts"] + 1, step, r["input_name"], r["input_hash"],
-                            r["runset"], pipe.workdir) for r in rows]
-    return out
+            got += [(step, r) for r in rows]
+        # the engine copies small inputs in ahead of a free script slot, large ones only as it frees
+        hashes = sorted({r["input_hash"] for _, r in got if r["input_hash"]})
+        sizes: dict[str, int] = {}
+        for i in range(0, len(hashes), 500):
+            part = hashes[i:i + 500]
+            sizes.update((h, n) for h, n in db.execute(
+                f"SELECT hash, size FROM object WHERE hash IN ({','.join('?' * len(part))})", part))
+    return [Claimed(r["id"], r["token"], r["attempts"] + 1, step, r["input_name"], r["input_hash"], r["runset"],
+                    pipe.workdir, sizes.get(r["input_hash"], 0)) for step, r in got]
 
 
 def renew(db: Database, owner: str, held: dict[int, int], lease: float) -> set[int]:

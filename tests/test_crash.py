@@ -303,10 +303,13 @@ def test_next_run_kills_orphaned_scripts_and_requeues_at_once(cli, tmp_path):
     deadline = time.monotonic() + 20
     while not (pidfile.exists() and pidfile.read_text().strip()) and time.monotonic() < deadline:
         time.sleep(0.02)
+    orphan = int(pidfile.read_text())
+    # The runner and its launcher die together (the OOM killer, a kill -9 of the service): the
+    # launcher, which would otherwise kill the script as the runner goes, is gone first.
+    os.kill(parent_of(orphan), signal.SIGKILL)
     p.send_signal(signal.SIGKILL)
     p.wait()
     p.stderr.close()
-    orphan = int(pidfile.read_text())
     os.kill(orphan, 0)  # the script outlived its runner: it is in its own process group
     assert os.listdir(cli.db / "tmp"), "the killed runner's scratch should still be there"
     t0 = time.monotonic()
@@ -322,6 +325,50 @@ def test_next_run_kills_orphaned_scripts_and_requeues_at_once(cli, tmp_path):
     assert second.read_text() == "attempt 1\n"  # a lost attempt does not count against retries
     logs = cli.ok("-db", cli.db, "logs", "1")
     assert "lost" in logs.out and "runner died" in logs.out
+    assert_clean_store(cli)
+
+
+def parent_of(pid: int) -> int:
+    return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+
+
+def _gone(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] in ("Z", "X")
+    except FileNotFoundError:
+        return True
+
+
+def test_a_runner_killed_alone_takes_its_scripts_with_it(cli, tmp_path):
+    """SIGKILL of the runner alone: its launcher sees it go and kills the running script at once,
+    and the next run runs the task again, as its first attempt (a lost attempt does not count)."""
+    pidfile = tmp_path / "pid"
+    second = tmp_path / "second"
+    m = cli.manifest(f"""
+        [[step]]
+        name = "slow"
+        start = true
+        script = '''
+        if [ ! -e {pidfile} ]; then echo $$ > {pidfile}; sleep 60; fi
+        echo "attempt $TASK_ATTEMPT" > {second}
+        echo ok > "$OUTPUT_DIR/done"
+        '''
+        """)
+    p = spawn_run(cli, m, env_for(tmp_path / "log"))
+    deadline = time.monotonic() + 20
+    while not (pidfile.exists() and pidfile.read_text().strip()) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    script = int(pidfile.read_text())
+    p.send_signal(signal.SIGKILL)
+    p.wait()
+    p.stderr.close()
+    deadline = time.monotonic() + 5
+    while not _gone(script):
+        assert time.monotonic() < deadline, "the dead runner's script is still running"
+        time.sleep(0.02)
+    r = cli.run(m)
+    assert r.returncode == 0, r.err
+    assert second.read_text() == "attempt 1\n"
     assert_clean_store(cli)
 
 

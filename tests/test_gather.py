@@ -552,6 +552,9 @@ def test_a_gather_task_survives_sigkill_of_its_runner_and_of_runs_at_random_mome
         assert time.monotonic() < deadline and p.poll() is None, "the gather script never started"
         time.sleep(0.02)
     orphan = int(next(e for e in events(log)[seen:] if e[0] == "start")[1])
+    # runner and launcher killed together, so that the script outlives them both
+    launcher = int(Path(f"/proc/{orphan}/stat").read_text().rsplit(")", 1)[1].split()[1])
+    os.kill(launcher, signal.SIGKILL)
     p.kill()
     p.wait()
     os.kill(orphan, 0)  # the killed runner's gather script lives on, in its own process group

@@ -101,6 +101,8 @@ def executions(log: Path) -> dict[str, list[tuple[float, float, str, str]]]:
         what, task, attempt, host, pid, t = line.split()
         if what == "start":
             starts[(host, pid)] = (task, attempt, float(t))
+        elif (host, pid) not in starts:
+            continue  # killed between starting its watcher and logging its start: it did nothing
         else:
             task, attempt, t0 = starts.pop((host, pid))
             spans[task].append((t0, float(t), host, attempt))

@@ -150,6 +150,7 @@ def cmd_check(a: Namespace, out: Output) -> int:
                 _show(r, step, out)
     finally:
         slots.close()
+        procs.close()
     differ = sum(1 for r in results if not r.identical and r.error is None)
     failed = sum(1 for r in results if r.error is not None)
     if a.json:

@@ -1,0 +1,384 @@
+"""Launcher: a small process that starts scripts and waits for them, away from the engine's GIL.
+
+The engine's worker threads prepare attempts (input copied in, directories ready) and
+hand them here; this process runs at most `-parallel` of them at once and starts the
+next queued one the moment a script ends. Starting a process from the engine meant
+taking the engine's GIL several times per spawn, each time behind whatever Python work
+another thread was doing: a tiny task's spawn took a millisecond there, and
+sub-millisecond here, where nothing else runs.
+
+It is also the scripts' child subreaper: a process a script left running outside its
+process group (`setsid`) is handed to us when its parent ends, so it shows among our
+children. An attempt whose script left nothing running, in its group or outside it,
+is reported `clean`, and the engine may reuse its directories.
+
+Protocol, over one SOCK_SEQPACKET socket per engine worker (marshal, trusted peer):
+  engine -> launcher  ("run", task, executable, argv, env, cwd, timeout, grace)
+                      with stdin, stdout, stderr (and, for a large request, a memfd holding it)
+  launcher -> engine  ("exited", returncode, timed_out, clean, spawned_at, exited_at)
+                      ("failed", errno, strerror)      the script could not be started
+                      ("skipped",)                     not started: closing, or its lease was lost
+and on a control socket, engine -> launcher, no reply:
+  ("signal", sig)     every running script's group    ("kill", [task, ...]) those tasks' groups
+  ("close",)          start nothing more (queued requests are answered "skipped")
+The launcher ends, killing what still runs, when the control socket closes (the engine
+ended, or died).
+"""
+
+from __future__ import annotations
+
+import heapq
+import marshal
+import os
+import selectors
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass
+
+MAX_MESSAGE = 64 * 1024  # larger requests (a huge environment or script) travel in a memfd
+MAX_FDS = 4
+_PR_SET_CHILD_SUBREAPER = 36
+
+
+# -- the engine's side -----------------------------------------------------------------------------
+
+
+class LauncherGone(Exception):
+    """The launcher process ended or stopped answering: no script can be run or waited for."""
+
+
+class Launcher:
+    """The engine's handle: starts the launcher process, gives each worker thread its own socket."""
+
+    def __init__(self, parallel: int | None) -> None:
+        self.control, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        self._lock = threading.Lock()
+        self._local = threading.local()
+        env = dict(os.environ)
+        # the engine's own package must be importable however it was started (a checkout, PYTHONPATH)
+        here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        env["PYTHONPATH"] = here + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+        # a session of its own: Ctrl-C on the terminal is the engine's to handle, which then tells us
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "task_pipeline.launcher", str(parallel or 0), str(theirs.fileno())],
+            pass_fds=(theirs.fileno(),), env=env, stdin=subprocess.DEVNULL, start_new_session=True,
+        )
+        theirs.close()
+        self.pid = self.proc.pid
+
+    def _socket(self) -> socket.socket:
+        """This thread's socket to the launcher, made on first use (its other end goes over the control socket)."""
+        s = getattr(self._local, "sock", None)
+        if s is None:
+            s, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+            try:
+                self._send(("socket",), [theirs.fileno()])
+            finally:
+                theirs.close()
+            self._local.sock = s
+        return s
+
+    def _send(self, msg: tuple, fds: list[int] = ()) -> None:
+        with self._lock:
+            try:
+                socket.send_fds(self.control, [marshal.dumps(msg)], list(fds))
+            except OSError as e:
+                raise LauncherGone(f"the launcher process is gone ({e.strerror})") from None
+
+    def run(self, task: int, executable: str, argv: list[str], env: dict[str, str], cwd: str,
+            timeout: float | None, grace: float, stdio: tuple[int, int, int]) -> tuple:
+        """Run one script to its end (waiting for a free slot first); returns the launcher's answer."""
+        s = self._socket()
+        data = marshal.dumps(("run", task, executable, argv, env, cwd, timeout, grace))
+        fds = list(stdio)
+        memfd = None
+        if len(data) > MAX_MESSAGE:
+            memfd = os.memfd_create("request", os.MFD_CLOEXEC)
+            os.write(memfd, data)
+            data, fds = marshal.dumps(("memfd",)), fds + [memfd]
+        try:
+            socket.send_fds(s, [data], fds)
+            reply = s.recv(MAX_MESSAGE)
+        except OSError as e:
+            raise LauncherGone(f"the launcher process is gone ({e.strerror})") from None
+        finally:
+            if memfd is not None:
+                os.close(memfd)
+        if not reply:
+            raise LauncherGone("the launcher process ended while a script was running")
+        return marshal.loads(reply)
+
+    def signal_all(self, sig: int) -> None:
+        self._send(("signal", int(sig)))
+
+    def kill(self, tasks: set[int]) -> None:
+        self._send(("kill", sorted(tasks)))
+
+    def close_gate(self) -> None:
+        self._send(("close",))
+
+    def stop(self) -> None:
+        """End the launcher (it kills whatever still runs) and wait for it."""
+        try:
+            self.control.close()
+        except OSError:
+            pass
+        try:
+            self.proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
+
+# -- the launcher process ------------------------------------------------------------------------------
+
+
+@dataclass
+class _Job:
+    sock: socket.socket
+    task: int
+    executable: str
+    argv: list
+    env: dict
+    cwd: str
+    timeout: float | None
+    grace: float
+    fds: list[int]
+    pid: int = 0
+    spawned_at: float = 0.0
+    deadline: float = 0.0          # monotonic; 0: none
+    timed_out: bool = False
+    orphans_before: frozenset = frozenset()
+
+
+class _Server:
+    def __init__(self, parallel: int, control: socket.socket) -> None:
+        self.parallel = parallel or 1 << 30
+        self.control = control
+        self.sel = selectors.DefaultSelector()
+        self.queue: deque[_Job] = deque()
+        self.running: dict[int, _Job] = {}     # pid -> job
+        self.timers: list[tuple[float, int]] = []
+        self.closed = False
+        self.children = f"/proc/{os.getpid()}/task/{os.getpid()}/children"
+        try:
+            import ctypes
+            libc = ctypes.CDLL(None, use_errno=True)
+            ok = libc.prctl(_PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) == 0 and os.access(self.children, os.R_OK)
+        except (OSError, AttributeError):
+            ok = False
+        self.subreaper = ok
+        r, self.wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        os.set_blocking(self.wake_w, False)
+        signal.set_wakeup_fd(self.wake_w)
+        signal.signal(signal.SIGCHLD, lambda *_: None)   # the wakeup fd is what matters
+        self.sel.register(r, selectors.EVENT_READ, "sigchld")
+        self.sel.register(control, selectors.EVENT_READ, "control")
+
+    # a process that left its script's group but still runs, and the orphans it could be among
+    def orphans(self) -> frozenset[int] | None:
+        if not self.subreaper:
+            return None
+        try:
+            fd = os.open(self.children, os.O_RDONLY | os.O_CLOEXEC)
+            try:
+                data = os.read(fd, 1 << 16)
+            finally:
+                os.close(fd)
+        except OSError:
+            return None
+        alive = set()
+        for pid in map(int, data.split()):
+            if pid in self.running:
+                continue
+            try:
+                if os.waitpid(pid, os.WNOHANG)[0] == 0:
+                    alive.add(pid)
+            except ChildProcessError:
+                pass
+        return frozenset(alive)
+
+    def serve(self) -> None:
+        while True:
+            timeout = None
+            if self.timers:
+                timeout = max(0.0, self.timers[0][0] - time.monotonic())
+            for key, _ in self.sel.select(timeout):
+                what = key.data
+                if what == "sigchld":
+                    try:
+                        while os.read(key.fd, 512):
+                            pass
+                    except BlockingIOError:
+                        pass
+                    self.reap()
+                elif what == "control":
+                    if not self.on_control():
+                        return
+                else:
+                    self.on_request(key.fileobj)
+            self.expire()
+            self.reap()
+            self.start_queued()
+
+    def on_control(self) -> bool:
+        try:
+            data, fds, _, _ = socket.recv_fds(self.control, MAX_MESSAGE, MAX_FDS)
+        except OSError:
+            data, fds = b"", []
+        if not data:
+            self.shutdown()
+            return False
+        msg = marshal.loads(data)
+        if msg[0] == "socket":
+            s = socket.socket(fileno=fds[0])
+            self.sel.register(s, selectors.EVENT_READ, "worker")
+        elif msg[0] == "signal":
+            for job in self.running.values():
+                _killpg(job.pid, msg[1])
+        elif msg[0] == "kill":
+            doomed = set(msg[1])
+            for job in self.running.values():
+                if job.task in doomed:
+                    _killpg(job.pid, signal.SIGKILL)
+            for job in [j for j in self.queue if j.task in doomed]:
+                self.queue.remove(job)
+                self.answer(job, ("skipped",))
+        elif msg[0] == "close":
+            self.closed = True
+            while self.queue:
+                self.answer(self.queue.popleft(), ("skipped",))
+        return True
+
+    def on_request(self, sock: socket.socket) -> None:
+        try:
+            data, fds, _, _ = socket.recv_fds(sock, MAX_MESSAGE, MAX_FDS)
+        except OSError:
+            data, fds = b"", []
+        if not data:
+            self.sel.unregister(sock)
+            sock.close()
+            return
+        msg = marshal.loads(data)
+        if msg[0] == "memfd":
+            memfd = fds.pop()
+            try:
+                size = os.fstat(memfd).st_size
+                msg = marshal.loads(os.pread(memfd, size, 0))
+            finally:
+                os.close(memfd)
+        _, task, executable, argv, env, cwd, timeout, grace = msg
+        job = _Job(sock, task, executable, argv, env, cwd, timeout, grace, fds)
+        if self.closed:
+            self.answer(job, ("skipped",))
+        else:
+            self.queue.append(job)
+
+    def start_queued(self) -> None:
+        while self.queue and len(self.running) < self.parallel:
+            job = self.queue.popleft()
+            job.orphans_before = self.orphans()
+            try:
+                proc = subprocess.Popen(job.argv, executable=job.executable, cwd=job.cwd, env=job.env,
+                                        stdin=job.fds[0], stdout=job.fds[1], stderr=job.fds[2],
+                                        start_new_session=True)
+            except OSError as e:
+                self.answer(job, ("failed", e.errno or 0, e.strerror or str(e)))
+                continue
+            proc.returncode = 0  # waited for here, with waitpid: Popen must not try again
+            job.pid, job.spawned_at = proc.pid, time.monotonic()
+            self.running[job.pid] = job
+            for fd in job.fds:
+                os.close(fd)
+            job.fds = []
+            if job.timeout is not None:
+                job.deadline = job.spawned_at + job.timeout
+                heapq.heappush(self.timers, (job.deadline, job.pid))
+
+    def expire(self) -> None:
+        now = time.monotonic()
+        while self.timers and self.timers[0][0] <= now:
+            deadline, pid = heapq.heappop(self.timers)
+            job = self.running.get(pid)
+            if job is None or job.deadline != deadline:
+                continue
+            if not job.timed_out:
+                job.timed_out = True
+                _killpg(pid, signal.SIGTERM)
+                job.deadline = now + job.grace
+                heapq.heappush(self.timers, (job.deadline, pid))
+            else:
+                _killpg(pid, signal.SIGKILL)
+
+    def reap(self) -> None:
+        for pid in list(self.running):
+            try:
+                done, status = os.waitpid(pid, os.WNOHANG)
+            except ChildProcessError:
+                done, status = pid, 0
+            if done == 0:
+                continue
+            exited_at = time.monotonic()
+            job = self.running.pop(pid)
+            # Background children must not outlive the attempt (or write into OUTPUT_DIR while it is read).
+            # If the kill found nobody, every member of the group has ended and handed its children on:
+            # then no new orphan means nothing of the attempt is left anywhere.
+            left = _killpg(pid, signal.SIGKILL)
+            after = None if left else self.orphans()
+            clean = job.orphans_before is not None and after is not None and after <= job.orphans_before
+            self.answer(job, ("exited", os.waitstatus_to_exitcode(status), job.timed_out, clean,
+                              job.spawned_at, exited_at))
+
+    def answer(self, job: _Job, reply: tuple) -> None:
+        for fd in job.fds:
+            os.close(fd)
+        job.fds = []
+        try:
+            job.sock.send(marshal.dumps(reply))
+        except OSError:
+            pass  # that worker is gone; the engine is ending
+
+    def shutdown(self) -> None:
+        for job in self.running.values():
+            _killpg(job.pid, signal.SIGKILL)
+        for pid in list(self.running):
+            try:
+                os.waitpid(pid, 0)
+            except ChildProcessError:
+                pass
+
+
+def _killpg(pgid: int, sig: int) -> bool:
+    """Signal a process group; False if it had no process left."""
+    try:
+        os.killpg(pgid, sig)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass
+    return True
+
+
+def main() -> None:
+    parallel, fd = int(sys.argv[1]), int(sys.argv[2])
+    # Stopping is the engine's to decide (systemd may signal the whole service): it tells us, or closes
+    # the control socket. A handler, not SIG_IGN, which scripts would inherit through exec.
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, lambda *_: None)
+    _Server(parallel, socket.socket(fileno=fd)).serve()
+    timeline = os.environ.get("TASK_PIPELINE_TIMELINE")
+    if timeline:  # the launcher's own CPU, for bench/timeline.py (its scripts are not in RUSAGE_SELF)
+        import json
+        import resource
+        r = resource.getrusage(resource.RUSAGE_SELF)
+        with open(timeline, "a") as f:
+            f.write(json.dumps({"task": -2, "stage": "launcher-cpu", "t": r.ru_utime, "thread": r.ru_stime}) + "\n")
+
+
+if __name__ == "__main__":
+    main()
