@@ -178,6 +178,7 @@ def main() -> None:
                     help="draw only the tasks taken in this window (a close-up)")
     ap.add_argument("--extra", nargs=argparse.REMAINDER, default=[], help="more task-pipeline flags")
     a = ap.parse_args()
+    throughput.compile_package()
     print(f"# {os.cpu_count()} CPUs, python {sys.version.split()[0]}, -parallel {a.parallel}, {a.tasks} tiny tasks")
     with tempfile.TemporaryDirectory(prefix="tp-timeline-") as d:
         tasks, wall, self_cpu = record(Path(d), a.tasks, a.parallel, a.extra)
