@@ -30,9 +30,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import throughput  # noqa: E402 - the same pipeline as the throughput figures
 
 ROOT = Path(__file__).resolve().parent.parent
-STAGES = ("leased", "taken", "ready", "spawned", "exited", "finished", "committed")
+STAGES = ("leased", "taken", "ready", "received", "slot", "spawned", "exited", "finished", "committed")
 SPANS = (("taken", "ready", "prepare: directories, input copy", "#9ecae1"),
-         ("ready", "spawned", "wait for a script slot, spawn", "#fdae6b"),
+         ("ready", "received", "to the launcher", "#fee391"),
+         ("received", "slot", "wait for a script slot", "#f0f0f0"),
+         ("slot", "spawned", "spawn", "#fdae6b"),
          ("spawned", "exited", "script", "#31a354"),
          ("exited", "finished", "collect: outputs, logs, clean up", "#de2d26"))
 
@@ -176,12 +178,18 @@ def main() -> None:
     ap.add_argument("--png", type=Path, help="draw the timeline here (needs matplotlib)")
     ap.add_argument("--window", type=float, nargs=2, metavar=("FROM_MS", "TO_MS"),
                     help="draw only the tasks taken in this window (a close-up)")
+    ap.add_argument("--work", type=Path, help="run in this new directory and keep it (default: a temporary "
+                                               "one, deleted afterwards)")
     ap.add_argument("--extra", nargs=argparse.REMAINDER, default=[], help="more task-pipeline flags")
     a = ap.parse_args()
     throughput.compile_package()
     print(f"# {os.cpu_count()} CPUs, python {sys.version.split()[0]}, -parallel {a.parallel}, {a.tasks} tiny tasks")
-    with tempfile.TemporaryDirectory(prefix="tp-timeline-") as d:
-        tasks, wall, self_cpu = record(Path(d), a.tasks, a.parallel, a.extra)
+    if a.work:
+        a.work.mkdir(parents=True)
+        tasks, wall, self_cpu = record(a.work, a.tasks, a.parallel, a.extra)
+    else:
+        with tempfile.TemporaryDirectory(prefix="tp-timeline-") as d:
+            tasks, wall, self_cpu = record(Path(d), a.tasks, a.parallel, a.extra)
     summarise(tasks, wall, self_cpu, a.tasks)
     if a.png:
         draw(tasks, a.png, f"{a.tasks} tiny tasks, -parallel {a.parallel}: what each worker thread does",

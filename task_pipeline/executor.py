@@ -530,7 +530,9 @@ def _run(job: Job, procs: ProcessTable, dirs: AttemptDirs, res: Result) -> None:
         res.exit_code = 127
         dirs.reusable = True
         return
-    _, rc, timed_out, dirs.reusable, spawned_at, exited_at = reply
+    _, rc, timed_out, dirs.reusable, received_at, started_at, spawned_at, exited_at = reply
+    timeline.mark(c.task_id, "received", received_at)
+    timeline.mark(c.task_id, "slot", started_at)
     timeline.mark(c.task_id, "spawned", spawned_at)
     timeline.mark(c.task_id, "exited", exited_at)
 
@@ -640,7 +642,7 @@ def collect_outputs(dirs: AttemptDirs, store: ObjectStore, cancel=None, *,
                 return [], f"output '{name}' is not a regular file"
             try:
                 if keep:
-                    h, size = store.ingest_output(dirs.out_fd, name, fd, st, cancel=cancel)
+                    h, size = store.ingest_output(dirs.out_fd, name, fd, st, cancel=cancel, settled=dirs.reusable)
                 else:
                     h, size = hash_fd(fd, store.algo, st.st_size, cancel)
             except OutputChanged:

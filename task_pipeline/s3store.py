@@ -195,7 +195,7 @@ class S3Store:
             raise self._trouble(e, "upload to") from None
 
     def ingest_output(self, dir_fd: int, name: str, fd: int, st: os.stat_result, *,
-                      cancel: Callable[[], bool] | None = None) -> tuple[str, int]:
+                      cancel: Callable[[], bool] | None = None, settled: bool = False) -> tuple[str, int]:
         digest, size = hash_fd(fd, self.algo, st.st_size, cancel)
         self._put_fd(fd, size, digest)
         return digest, size

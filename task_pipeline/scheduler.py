@@ -55,7 +55,9 @@ from task_pipeline.state import Claimed, CommitReport, Result, Summary
 from task_pipeline.store import ObjectStore
 
 MAX_WAITING = 4096     # finished results awaiting their commit before claiming pauses (bounds memory)
-LOOKAHEAD = 16         # tasks leased beyond the running ones, so that a finishing worker finds the next
+LOOKAHEAD = 16         # tasks leased beyond the running ones, so that a finishing worker finds the next...
+LEASE_AHEAD = 0.25     # ...or, once tasks are seen to be short, this many seconds of work (at most MAX_AHEAD)
+MAX_AHEAD = 256
 MAX_BATCH = 512        # results per commit transaction
 COMMIT_WINDOW = 0.02   # seconds a commit waits for more results while workers are busy
 STARTED_FLUSH = 0.5    # seconds within which started scripts are recorded when nothing finishes
@@ -129,8 +131,10 @@ class Board:
     or committing (the first result of a batch).
     """
 
-    def __init__(self, parallel: int, lookahead: int) -> None:
+    def __init__(self, parallel: int, lookahead: int, scripts: int | None = None) -> None:
         self.parallel, self.lookahead = parallel, lookahead
+        self.scripts = scripts or parallel
+        self.took = 0.0                       # seconds a task takes, a moving average
         self.cond = threading.Condition()
         self.queued: dict[str, deque[Claimed]] = {}
         self.running: Counter = Counter()
@@ -169,8 +173,19 @@ class Board:
         with self.cond:
             self.running[c.step.name] -= 1
             self.results.append(res)
+            took = res.finished_at - res.started_at
+            self.took = took if not self.took else 0.9 * self.took + 0.1 * took
             self.cond.notify_all()  # a step slot is free: a worker waiting for it may go on
-            return len(self.results) == 1 or self.n_queued <= self.lookahead // 2
+            return len(self.results) == 1 or self.n_queued <= self.ahead // 2
+
+    @property
+    def ahead(self) -> int:
+        """How many tasks to keep leased beyond the running ones. Tiny tasks get a longer queue, so that
+        one claim serves many of them; long ones the minimum, so that several runners on one store
+        share them out rather than one runner holding what it cannot start for a while."""
+        if not self.took:
+            return self.lookahead
+        return max(self.lookahead, min(MAX_AHEAD, int(self.scripts * LEASE_AHEAD / max(self.took, 1e-4))))
 
     def collect(self, limit: int = MAX_BATCH) -> tuple[list[Result], dict[int, int]]:
         with self.cond:
@@ -273,7 +288,7 @@ async def run_engine(db: Db, store: ObjectStore, opts: EngineOptions, reporter: 
     # Twice as many workers as scripts may run: while `parallel` of them wait for their scripts, the
     # others prepare the next attempts and store the last ones' outputs (the launcher holds the line).
     workers = 2 * opts.parallel
-    board = Board(workers, lookahead)
+    board = Board(workers, lookahead, scripts=opts.parallel)
     threads = anyio.CapacityLimiter(workers)
     summary = Summary()
     committing = [0]   # results collected from the board, being committed
@@ -510,13 +525,14 @@ async def run_engine(db: Db, store: ObjectStore, opts: EngineOptions, reporter: 
                 # that batch is used up, so that one claim transaction serves many tasks.
                 running, queued = board.snapshot()
                 n_queued = sum(queued.values())
-                room = workers + lookahead - sum(running.values()) - n_queued
-                if committing[0] + len(board.results) >= MAX_WAITING or n_queued > lookahead // 2:
+                ahead = board.ahead
+                room = workers + ahead - sum(running.values()) - n_queued
+                if committing[0] + len(board.results) >= MAX_WAITING or n_queued > ahead // 2:
                     room = 0
                 if time.monotonic() < flags.paused_until:
                     room = 0
                 if room > 0:
-                    caps = partial(_caps, opts=opts, running=running, queued=queued)
+                    caps = partial(_caps, opts=opts, running=running, queued=queued, ahead=ahead)
                     timeline.engine("claim+")
                     claimed = await db(state.claim, owner, caps, room, opts.lease)
                     timeline.engine("claim-")
@@ -632,7 +648,7 @@ def _sync(store: ObjectStore) -> None:
 
 
 def _caps(pipe: state.Pipeline, *, opts: EngineOptions, running: Counter,
-          queued: dict[str, int]) -> dict[str, int]:
+          queued: dict[str, int], ahead: int = LOOKAHEAD) -> dict[str, int]:
     """How many more tasks each step may lease now: its limit plus a look-ahead batch waiting, so that
     a finishing worker finds the next task ready. A step with its own `parallel` limit leases no more
     than that limit (which holds across every runner on the store: see state.claim), so that a
@@ -646,7 +662,7 @@ def _caps(pipe: state.Pipeline, *, opts: EngineOptions, running: Counter,
         if step.policy.parallel is not None:
             n = min(step.policy.parallel, opts.parallel) - have
         else:
-            n = opts.parallel + max(opts.parallel, LOOKAHEAD) - have
+            n = 2 * opts.parallel + max(opts.parallel, ahead) - have
         if n > 0:
             caps[step.name] = n
     return caps

@@ -77,7 +77,7 @@ class ObjectStore(Protocol):
         """The hash of the object at `where` (a path or URL as `path_str` gives it), or None."""
     def has(self, h: str) -> bool: ...
     def ingest_output(self, dir_fd: int, name: str, fd: int, st: os.stat_result, *,
-                      cancel: Callable[[], bool] | None = None) -> tuple[str, int]: ...
+                      cancel: Callable[[], bool] | None = None, settled: bool = False) -> tuple[str, int]: ...
     def ingest_log(self, fd: int, size: int) -> tuple[str, int]: ...
     def ingest_path(self, src: Path | str) -> tuple[str, int]: ...
     def ingest_stream(self, f: BinaryIO) -> tuple[str, int]: ...
@@ -259,15 +259,16 @@ class Store:
         return digest, size
 
     def ingest_output(self, dir_fd: int, name: str, fd: int, st: os.stat_result, *,
-                      cancel: Callable[[], bool] | None = None) -> tuple[str, int]:
+                      cancel: Callable[[], bool] | None = None, settled: bool = False) -> tuple[str, int]:
         """Store the output `name` in the scratch directory `dir_fd`, open as `fd` (fstat `st`).
 
         The file is moved in only when it is ours alone: on the store's filesystem and
         not hard-linked anywhere else (a link to a file outside would let that file's
         later edits corrupt the object). It is moved by way of a private name in tmp/,
         and what arrived there is checked to be the inode that was hashed: a name
-        swapped meanwhile (for a symlink, say) is never stored. Otherwise it is copied.
-        Not fsynced: the engine syncs once per commit batch.
+        swapped meanwhile (for a symlink, say) is never stored. `settled`: nothing of the
+        attempt runs any more, so the name cannot change, and it is moved straight in.
+        Otherwise it is copied. Not fsynced: the engine syncs once per commit batch.
         """
         if st.st_nlink != 1 or st.st_dev != self._tmp_dev:
             return self._copy_in(fd, st.st_size, fsync=False, cancel=cancel)
@@ -275,6 +276,10 @@ class Store:
         dest = self.path_str(digest)
         if _touch(dest):
             return digest, size  # stored already; the scratch copy goes with the attempt's directory
+        if settled:
+            os.fchmod(fd, OBJECT_MODE)
+            self._place(name, dest, src_dir_fd=dir_fd)
+            return digest, size
         hop = self.tmp_file("out")
         os.rename(name, hop, src_dir_fd=dir_fd)
         try:
@@ -377,16 +382,16 @@ class Store:
     def tmp_file(self, label: str) -> str:
         return f"{self.tmp}/{label}-{os.getpid()}-{os.urandom(6).hex()}"
 
-    def _place(self, src: str, dest: str) -> None:
+    def _place(self, src: str, dest: str, src_dir_fd: int | None = None) -> None:
         shard = os.path.dirname(dest)
         if shard not in self._shards:  # most new objects need a new shard directory: make it first
             fsutil.make_dirs(shard, DIR_MODE)
             self._shards.add(shard)
         try:
-            os.rename(src, dest)
+            os.rename(src, dest, src_dir_fd=src_dir_fd)
         except FileNotFoundError:  # the shard was removed meanwhile (gc --force of an empty shard)
             fsutil.make_dirs(shard, DIR_MODE)
-            os.rename(src, dest)
+            os.rename(src, dest, src_dir_fd=src_dir_fd)
 
     # -- reading ---------------------------------------------------------
 
