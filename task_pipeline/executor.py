@@ -33,7 +33,6 @@ import signal
 import stat
 import threading
 import time
-from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -92,7 +91,7 @@ class ProcessTable:
 
     def __init__(self, scripts: int | None = None) -> None:
         self._lock = threading.Lock()
-        self._tasks: Counter = Counter()   # tasks with a script at the launcher (queued or running)
+        self._tasks: dict[int, int] = {}   # tasks with a script at the launcher (queued or running): how many
         self.stopping = False
         self.closed = False                # no new script may start (the engine stopped claiming)
         self.abandon = threading.Event()   # set when storing outputs must stop too (grace is over)
@@ -101,14 +100,14 @@ class ProcessTable:
 
     def run(self, task_id: int, *args) -> tuple:
         with self._lock:
-            self._tasks[task_id] += 1
+            self._tasks[task_id] = self._tasks.get(task_id, 0) + 1
         try:
             return self.launcher.run(task_id, *args)
         finally:
             with self._lock:
-                self._tasks[task_id] -= 1
-                if not self._tasks[task_id]:
-                    del self._tasks[task_id]
+                n = self._tasks.pop(task_id) - 1
+                if n:
+                    self._tasks[task_id] = n
 
     def signal_all(self, sig: int) -> int:
         """Signal every running script's process group; their attempts will be re-queued, not failed."""

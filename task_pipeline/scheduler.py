@@ -284,6 +284,7 @@ async def run_engine(db: Db, store: ObjectStore, opts: EngineOptions, reporter: 
     slots = Slots(opts.scratch, large_at_once=opts.parallel)
     await anyio.to_thread.run_sync(lambda: store.empty)
     base_env = {k: v for k, v in os.environ.items() if k not in opts.env_drop}
+    cwd = Path.cwd()
     lookahead = max(opts.parallel, LOOKAHEAD)
     # Twice as many workers as scripts may run: while `parallel` of them wait for their scripts, the
     # others prepare the next attempts and store the last ones' outputs (the launcher holds the line).
@@ -327,7 +328,7 @@ async def run_engine(db: Db, store: ObjectStore, opts: EngineOptions, reporter: 
         while (c := board.take()) is not None:
             try:
                 reporter.task_started(c)
-                res = execute(Job(c, store, Path(c.workdir or Path.cwd()), base_env), procs, slots)
+                res = execute(Job(c, store, c.workdir or cwd, base_env), procs, slots)
             except BaseException as e:  # noqa: BLE001 - reported as the run's error
                 now = time.time()
                 board.finish(c, Result(c.task_id, c.token, c.step.name, c.attempt, c.input_name, ok=False,
