@@ -120,7 +120,7 @@ def summarise(tasks: dict, wall: float, self_cpu: tuple[float, float], n: int) -
     return {"wall": wall}
 
 
-def draw(tasks: dict, png: Path, title: str, window: tuple[float, float] | None = None) -> None:
+def draw(tasks: dict, png: Path, title: str, parallel: int, window: tuple[float, float] | None = None) -> None:
     try:
         import matplotlib
         matplotlib.use("Agg")
@@ -133,7 +133,7 @@ def draw(tasks: dict, png: Path, title: str, window: tuple[float, float] | None 
     t0 = min(v[0] for t in tasks.values() for v in t.values())
     threads = sorted({t["taken"][1] for t in tasks.values() if "taken" in t})
     row = {th: i + 1 for i, th in enumerate(threads)}
-    fig, (ax, occ) = plt.subplots(2, 1, figsize=(11, 2.6 + 0.45 * len(threads)), sharex=True,
+    fig, (ax, occ) = plt.subplots(2, 1, figsize=(11, 3.2 + 0.45 * len(threads)), sharex=True,
                                   gridspec_kw={"height_ratios": [max(2, len(threads) + 1), 2]})
     for name, label, colour in ENGINE:
         xs = [((a - t0) * 1e3, (b - a) * 1e3) for a, b in engine.get(name, [])]
@@ -146,8 +146,7 @@ def draw(tasks: dict, png: Path, title: str, window: tuple[float, float] | None 
         for r, xs in bars.items():
             ax.broken_barh(xs, (r - 0.4, 0.8), facecolors=colour, label=label if r == 1 else None, linewidth=0)
     ax.set_yticks(range(len(threads) + 1), ["engine"] + [f"worker {i + 1}" for i in range(len(threads))])
-    ax.legend(loc="upper center", ncol=4, fontsize=8, bbox_to_anchor=(0.5, 1.32), frameon=False)
-    ax.set_title(title, fontsize=10, pad=34)
+    ax.set_title(title, fontsize=10)
     if window:
         ax.set_xlim(*window)
     # scripts running over time, sampled every 0.5 ms
@@ -164,8 +163,11 @@ def draw(tasks: dict, png: Path, title: str, window: tuple[float, float] | None 
     occ.fill_between(xs, ys, color="#31a354", alpha=0.3, linewidth=0)
     occ.set_ylabel("scripts\nrunning", fontsize=8)
     occ.set_xlabel("ms since the first task was leased")
-    occ.set_ylim(0, len(threads) + 0.5)
-    fig.tight_layout()
+    occ.set_ylim(0, parallel + 0.5)
+    occ.axhline(parallel, color="#999999", linewidth=0.6, linestyle="--")  # the script slots
+    handles, labels = ax.get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=5, fontsize=8, frameon=False)
+    fig.tight_layout(rect=(0, 0.09, 1, 1))
     png.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(png, dpi=110)
     print(f"picture: {png}")
@@ -193,7 +195,7 @@ def main() -> None:
     summarise(tasks, wall, self_cpu, a.tasks)
     if a.png:
         draw(tasks, a.png, f"{a.tasks} tiny tasks, -parallel {a.parallel}: what each worker thread does",
-             tuple(a.window) if a.window else None)
+             a.parallel, tuple(a.window) if a.window else None)
 
 
 if __name__ == "__main__":
