@@ -330,20 +330,25 @@ class _Server:
                 _killpg(pid, signal.SIGKILL)
 
     def reap(self) -> None:
+        ended = []
         for pid in list(self.running):
             try:
                 done, status = os.waitpid(pid, os.WNOHANG)
             except ChildProcessError:
                 done, status = pid, 0
-            if done == 0:
-                continue
-            exited_at = time.monotonic()
-            job = self.running.pop(pid)
-            # Background children must not outlive the attempt (or write into OUTPUT_DIR while it is read).
-            # If the kill found nobody, every member of the group has ended and handed its children on.
-            # A process that left the group shows among our children then, as an orphan we have not seen
+            if done:
+                job = self.running.pop(pid)
+                # Background children must not outlive the attempt (or write into OUTPUT_DIR while it
+                # is read). If the kill finds nobody, every member of the group has ended and handed
+                # its children on. (Killed before anything new starts, which could reuse the pid.)
+                ended.append((job, status, time.monotonic(), _killpg(pid, signal.SIGKILL)))
+        if not ended:
+            return
+        # The next scripts start first: the checks below are not theirs to wait for.
+        self.start_queued()
+        for job, status, exited_at, left in ended:
+            # A process that left the group shows among our children, as an orphan not seen
             # before: it may be any running attempt's, so none of them counts as clean.
-            left = _killpg(pid, signal.SIGKILL)
             clean = not left and not job.tainted
             now = self.orphans()
             if now is None or now - self.known:

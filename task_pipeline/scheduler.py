@@ -463,8 +463,9 @@ async def run_engine(db: Db, store: ObjectStore, opts: EngineOptions, reporter: 
                 with board.cond:
                     mine = set(board.held)
                 if mine:
-                    n = procs.kill_tasks(mine)
+                    # lost first, then killed: a worker whose script dies must already see why
                     board.drop_lost(set())
+                    n = procs.kill_tasks(mine)
                     wake[0].set()
                     reporter.log("error", f"could not renew leases for {_boot_clock() - flags.renewed:.0f}s; "
                                           f"stopped {n} script(s) so that no task runs twice; their tasks go back "
