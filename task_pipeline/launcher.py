@@ -36,6 +36,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections import deque
@@ -101,7 +102,12 @@ class Launcher:
         fds = list(stdio)
         memfd = None
         if len(data) > MAX_MESSAGE:
-            memfd = os.memfd_create("request", os.MFD_CLOEXEC)
+            try:
+                memfd = os.memfd_create("request", os.MFD_CLOEXEC)
+            except OSError:  # (a system call filter may refuse it) an unnamed file in the temporary directory
+                f = tempfile.TemporaryFile()
+                memfd = os.dup(f.fileno())
+                f.close()
             os.write(memfd, data)
             data, fds = marshal.dumps(("memfd",)), fds + [memfd]
         try:
