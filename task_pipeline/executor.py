@@ -326,11 +326,8 @@ def _empty_for_reuse(slot_fd: int, dirs: AttemptDirs) -> bool:
     left in out/ and tmp/: otherwise False, and they are removed instead. Nothing of the attempt
     is running (AttemptDirs.reusable), so nothing changes them while we look."""
     try:
-        expect = [os.fstat(dirs.fd)]
         found = [os.stat(dirs.name, dir_fd=slot_fd, follow_symlinks=False)]
-        for sub, fd in (("in", dirs.in_fd), ("out", dirs.out_fd), ("tmp", dirs.tmp_fd)):
-            expect.append(os.fstat(fd))
-            found.append(os.stat(sub, dir_fd=dirs.fd, follow_symlinks=False))
+        found += [os.stat(sub, dir_fd=dirs.fd, follow_symlinks=False) for sub in ("in", "out", "tmp")]
         for now, made in zip(found, dirs.stats):
             if not fsutil.same_inode(now, made) or now.st_mode != made.st_mode:
                 return False
@@ -338,7 +335,10 @@ def _empty_for_reuse(slot_fd: int, dirs: AttemptDirs) -> bool:
         if dirs.logs is not None:
             names += ["stderr", "stdout"]
             for name, fd in zip(("stdout", "stderr"), dirs.logs):
-                if not fsutil.same_inode(os.stat(name, dir_fd=dirs.fd, follow_symlinks=False), os.fstat(fd)):
+                mine = os.fstat(fd)
+                # a hard link elsewhere (the script made one) would see the next attempt's writes
+                if mine.st_nlink != 1 or not fsutil.same_inode(os.stat(name, dir_fd=dirs.fd, follow_symlinks=False),
+                                                               mine):
                     return False
         if sorted(os.listdir(dirs.fd)) != sorted(names):
             return False

@@ -123,3 +123,32 @@ def test_timeline_records_every_stage_of_a_task(cli, tmp_path):
     times = [m["t"] for m in task]
     assert times == sorted(times), task
     assert any(m["task"] == -2 and m["stage"] == "launcher-cpu" for m in marks)
+
+
+def test_files_a_script_linked_outside_its_slot_are_never_written_by_later_attempts(cli, tmp_path):
+    """A script hard-links its input copy and its stdout file to a directory outside the slot.
+    Reusing those files for the next attempts would write into the outside names too: they are
+    replaced instead, and the outside files keep what they had."""
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    m = cli.manifest(f"""
+        [[step]]
+        name = "fan"
+        start = true
+        script = 'for i in 1 2 3 4 5 6; do echo "input $i" > "$OUTPUT_DIR/work_$i"; done'
+
+        [[step]]
+        name = "work"
+        script = '''
+        if [ "$INPUT_NAME" = work_1 ]; then
+          ln "$INPUT_FILE" {outside}/input
+          ln "$(dirname "$OUTPUT_DIR")/stdout" {outside}/stdout
+        fi
+        echo "said by $INPUT_NAME"
+        cat "$INPUT_FILE" > "$OUTPUT_DIR/done_$INPUT_NAME"
+        '''
+        """)
+    cli.ok("-manifest", m, "-db", cli.db, "-run", "-parallel", "1")
+    assert (outside / "input").read_text() == "input 1\n"
+    assert (outside / "stdout").read_text() == "said by work_1\n"
+    assert len([n for n in outputs(cli) if n.startswith("done_work_")]) == 6
