@@ -33,6 +33,7 @@ import signal
 import stat
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -47,6 +48,7 @@ DISK_FULL_BELOW = 256 * 1024  # bytes free on the scratch filesystem after an at
 _DISK_FULL_WORDS = (b"No space left on device", b"Disk quota exceeded")
 
 
+PARALLEL_STORE_FROM = 64  # outputs of one attempt from which two threads store them
 AHEAD_MAX = 256 * 1024  # bytes: an input up to this size is copied in while the attempt waits for a script slot
 STDERR_RESERVE = 64 * 1024  # bytes of disk held for each script's stderr, so a full disk cannot silence it
 
@@ -628,36 +630,57 @@ def collect_outputs(dirs: AttemptDirs, store: ObjectStore, cancel=None, *,
             return [], f"output '{name}' is a directory; only regular files directly in OUTPUT_DIR are outputs"
         if not e.is_file(follow_symlinks=False):
             return [], f"output '{name}' is not a regular file (a FIFO, socket or device)"
-    outputs = []
-    for e in entries:
-        name = e.name
-        try:
-            fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=dirs.out_fd)
-        except OSError as err:
-            return [], f"output '{name}' cannot be opened: {err.strerror}"
-        try:
-            st = os.fstat(fd)
-            if not stat.S_ISREG(st.st_mode):
-                return [], f"output '{name}' is not a regular file"
-            try:
-                if keep:
-                    h, size = store.ingest_output(dirs.out_fd, name, fd, st, cancel=cancel, settled=dirs.reusable)
-                else:
-                    h, size = hash_fd(fd, store.algo, st.st_size, cancel)
-            except OutputChanged:
-                return [], (f"output '{name}' was replaced while it was being stored (by a process the script "
-                            f"left running?); nothing of this attempt is kept")
-            except StoreUnavailable as err:
-                raise StoreWriteError(f"cannot store output '{name}': {err}") from None
-            except OSError as err:
-                if err.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EIO):
-                    raise StoreWriteError(f"cannot store output '{name}': {err.strerror}") from None
-                raise
-        finally:
-            os.close(fd)
-        outputs.append((name, h, size))
-    outputs.sort()
+    def store_each(names: list[str]) -> list[tuple[str, str, int] | str]:
+        """Each output stored (name, hash, size), up to the first that cannot be: its problem, a string."""
+        done: list[tuple[str, str, int] | str] = []
+        for name in names:
+            done.append(_store_output(dirs, store, name, cancel, keep))
+            if isinstance(done[-1], str):
+                break
+        return done
+
+    names = [e.name for e in entries]
+    if len(names) >= PARALLEL_STORE_FROM and keep and store.local:
+        # A fan-out's outputs are stored by two threads (the other workers wait for them anyway), taking
+        # every other name so that both look up names near each other in the directory.
+        with ThreadPoolExecutor(2) as pool:
+            stored = [x for part in pool.map(store_each, (names[0::2], names[1::2])) for x in part]
+    else:
+        stored = store_each(names)
+    problems = sorted(x for x in stored if isinstance(x, str))
+    if problems:
+        return [], problems[0]
+    outputs = sorted(x for x in stored if not isinstance(x, str))
     return outputs, None
+
+
+def _store_output(dirs: AttemptDirs, store: ObjectStore, name: str, cancel, keep: bool) -> tuple[str, str, int] | str:
+    """Store (or with `keep` false, only hash) one output; returns it, or why it cannot be an output."""
+    try:
+        fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=dirs.out_fd)
+    except OSError as err:
+        return f"output '{name}' cannot be opened: {err.strerror}"
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            return f"output '{name}' is not a regular file"
+        try:
+            if keep:
+                h, size = store.ingest_output(dirs.out_fd, name, fd, st, cancel=cancel, settled=dirs.reusable)
+            else:
+                h, size = hash_fd(fd, store.algo, st.st_size, cancel)
+        except OutputChanged:
+            return (f"output '{name}' was replaced while it was being stored (by a process the script "
+                    f"left running?); nothing of this attempt is kept")
+        except StoreUnavailable as err:
+            raise StoreWriteError(f"cannot store output '{name}': {err}") from None
+        except OSError as err:
+            if err.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EIO):
+                raise StoreWriteError(f"cannot store output '{name}': {err.strerror}") from None
+            raise
+    finally:
+        os.close(fd)
+    return name, h, size
 
 
 def _store_log(store: ObjectStore, fd: int) -> tuple[str, int] | None:

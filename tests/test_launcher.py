@@ -152,3 +152,23 @@ def test_files_a_script_linked_outside_its_slot_are_never_written_by_later_attem
     assert (outside / "input").read_text() == "input 1\n"
     assert (outside / "stdout").read_text() == "said by work_1\n"
     assert len([n for n in outputs(cli) if n.startswith("done_work_")]) == 6
+
+
+def test_a_large_fan_out_is_stored_whole_by_two_threads(cli):
+    """300 outputs of one attempt (half of them repeating others' bytes) are stored by two threads:
+    every one is recorded under its name with the hash of its bytes, and the store checks out."""
+    import hashlib
+
+    m = cli.manifest("""
+        [[step]]
+        name = "fan"
+        start = true
+        script = 'i=0; while [ $i -lt 300 ]; do echo "item $((i % 150))" > "$OUTPUT_DIR/done_$i"; i=$((i + 1)); done'
+        """)
+    cli.ok("-manifest", m, "-db", cli.db, "-run")
+    rows = dict(query(cli.db, "SELECT name, hash FROM output"))
+    assert len(rows) == 300
+    for i in range(300):
+        assert rows[f"done_{i}"] == hashlib.sha256(f"item {i % 150}\n".encode()).hexdigest(), i
+    assert len(set(rows.values())) == 150
+    cli.ok("-db", cli.db, "fsck")
