@@ -14,12 +14,14 @@ is reported `clean`, and the engine may reuse its directories.
 
 Protocol, over one SOCK_SEQPACKET socket per engine worker (marshal, trusted peer):
   engine -> launcher  ("run", task, executable, argv, env, cwd, timeout, grace)
-                      with stdin, stdout, stderr (and, for a large request, a memfd holding it)
+                      with stdin, stdout, stderr; a request over 64 KiB is sent as ("memfd",)
+                      with a fourth descriptor, an unnamed file holding it
   launcher -> engine  ("exited", returncode, timed_out, clean, received_at, started_at, spawned_at,
                        exited_at)
                       ("failed", errno, strerror)      the script could not be started
                       ("skipped",)                     not started: closing, or its lease was lost
 and on a control socket, engine -> launcher, no reply:
+  ("socket",)         with a descriptor: a new worker's socket, made on its first request
   ("signal", sig)     every running script's group    ("kill", [task, ...]) those tasks' groups
   ("close",)          start nothing more (queued requests are answered "skipped")
 The launcher ends, killing what still runs, when the control socket closes (the engine
