@@ -39,15 +39,6 @@ SPANS = (("taken", "ready", "prepare: directories, input copy", "#9ecae1"),
          ("exited", "finished", "collect: outputs, logs, clean up", "#de2d26"))
 
 
-SELF_CPU = """
-import resource, runpy, sys
-sys.argv[0] = "task_pipeline"
-try:
-    runpy.run_module("task_pipeline", run_name="__main__")
-finally:
-    r = resource.getrusage(resource.RUSAGE_SELF)
-    print(f"SELF {r.ru_utime} {r.ru_stime}", file=sys.stderr)
-"""
 
 
 def record(work: Path, n: int, parallel: int, extra: list[str]) -> tuple[dict, float, tuple[float, float]]:
@@ -56,7 +47,7 @@ def record(work: Path, n: int, parallel: int, extra: list[str]) -> tuple[dict, f
     env = {**os.environ, "PYTHONPATH": str(ROOT), "TASK_PIPELINE_TIMELINE": str(log)}
     t0 = time.perf_counter()
     # the CPU of our process alone (RUSAGE_CHILDREN here would count its scripts too): it reports its own
-    out = subprocess.run([sys.executable, "-c", SELF_CPU, "-manifest", str(work / "bench.toml"), "-db",
+    out = subprocess.run([sys.executable, "-c", throughput.SELF_CPU, "-manifest", str(work / "bench.toml"), "-db",
                           str(work / "db"), "-run", "-parallel", str(parallel), "-quiet", *extra],
                          env=env, cwd=work, stderr=subprocess.PIPE, text=True)
     wall = time.perf_counter() - t0

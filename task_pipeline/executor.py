@@ -93,7 +93,7 @@ class ProcessTable:
 
     def __init__(self, scripts: int | None = None) -> None:
         self._lock = threading.Lock()
-        self._tasks: dict[int, int] = {}   # tasks with a script at the launcher (queued or running): how many
+        self._tasks: set[int] = set()      # tasks with a script at the launcher (queued or running)
         self.stopping = False
         self.closed = False                # no new script may start (the engine stopped claiming)
         self.abandon = threading.Event()   # set when storing outputs must stop too (grace is over)
@@ -102,14 +102,12 @@ class ProcessTable:
 
     def run(self, task_id: int, *args) -> tuple:
         with self._lock:
-            self._tasks[task_id] = self._tasks.get(task_id, 0) + 1
+            self._tasks.add(task_id)
         try:
             return self.launcher.run(task_id, *args)
         finally:
             with self._lock:
-                n = self._tasks.pop(task_id) - 1
-                if n:
-                    self._tasks[task_id] = n
+                self._tasks.discard(task_id)
 
     def signal_all(self, sig: int) -> int:
         """Signal every running script's process group; their attempts will be re-queued, not failed."""
@@ -122,7 +120,7 @@ class ProcessTable:
     def kill_tasks(self, task_ids: set[int]) -> int:
         """Stop the scripts of tasks whose lease this runner lost (another runner may have them now)."""
         with self._lock:
-            n = len(task_ids & self._tasks.keys())
+            n = len(task_ids & self._tasks)
         self.launcher.kill(task_ids)
         return n
 
@@ -184,6 +182,7 @@ class Slot:
     fd: int
     made: int = 0                      # attempt directory names given out (a<N>: N is never reused)
     spare: AttemptDirs | None = None   # the last attempt's directories, emptied, to be renamed for the next
+    large: bool = False                # holds one of Slots.large (its attempt's input is over AHEAD_MAX)
 
     def next_name(self) -> str:
         self.made += 1
@@ -216,7 +215,21 @@ class Slots:
         self._made = 0
         self._nonce = os.urandom(3).hex()
 
-    def acquire(self) -> Slot:
+    def acquire(self, input_size: int = 0) -> Slot:
+        """A free slot, for an attempt whose input has `input_size` bytes."""
+        large = self.large is not None and input_size > AHEAD_MAX
+        if large:
+            self.large.acquire()
+        try:
+            slot = self._take()
+        except BaseException:
+            if large:
+                self.large.release()
+            raise
+        slot.large = large
+        return slot
+
+    def _take(self) -> Slot:
         with self._lock:
             if self._free:
                 return self._free.pop()
@@ -263,6 +276,9 @@ class Slots:
                 slot.spare = dirs
             else:
                 self._discard(slot, dirs)
+        if slot.large:
+            slot.large = False
+            self.large.release()
         with self._lock:
             self._free.append(slot)
 
@@ -334,24 +350,26 @@ def _empty_for_reuse(slot_fd: int, dirs: AttemptDirs) -> bool:
             if not fsutil.same_inode(now, made) or now.st_mode != made.st_mode:
                 return False
         names = ["in", "out", "tmp"]
+        logs = []
         if dirs.logs is not None:
             names += ["stderr", "stdout"]
             for name, fd in zip(("stdout", "stderr"), dirs.logs):
-                mine = os.fstat(fd)
+                log = os.fstat(fd)
                 # a hard link elsewhere (the script made one) would see the next attempt's writes
-                if mine.st_nlink != 1 or not fsutil.same_inode(os.stat(name, dir_fd=dirs.fd, follow_symlinks=False),
-                                                               mine):
+                if log.st_nlink != 1 or not fsutil.same_inode(os.stat(name, dir_fd=dirs.fd, follow_symlinks=False),
+                                                              log):
                     return False
+                logs.append((fd, log))
         if sorted(os.listdir(dirs.fd)) != sorted(names):
             return False
         if dirs.input_fd is not None:
-            mine = os.fstat(dirs.input_fd)
+            copy = os.fstat(dirs.input_fd)
             try:
                 there = os.stat(dirs.input_name, dir_fd=dirs.in_fd, follow_symlinks=False)
             except FileNotFoundError:
                 there = None
-            if (there is None or not fsutil.same_inode(there, mine) or os.listdir(dirs.in_fd) != [dirs.input_name]
-                    or mine.st_nlink != 1):
+            if (there is None or not fsutil.same_inode(there, copy) or os.listdir(dirs.in_fd) != [dirs.input_name]
+                    or copy.st_nlink != 1):
                 os.close(dirs.input_fd)  # a gather task's members, or something the script did: start afresh
                 dirs.input_fd = None
         if dirs.input_fd is None and os.listdir(dirs.in_fd):
@@ -362,15 +380,15 @@ def _empty_for_reuse(slot_fd: int, dirs: AttemptDirs) -> bool:
         # Emptying a file frees its blocks, which on a filesystem mounted with `discard` waits for the
         # disk to trim them: the input copy is overwritten instead (and cut to size), and logs are
         # usually empty already.
-        for fd in dirs.logs or ():
-            if os.fstat(fd).st_size:
+        for fd, log in logs:
+            if log.st_size:
                 os.ftruncate(fd, 0)
             os.lseek(fd, 0, os.SEEK_SET)
         if dirs.input_fd is not None:
             os.lseek(dirs.input_fd, 0, os.SEEK_SET)
-            if mine.st_size > AHEAD_MAX:
+            if copy.st_size > AHEAD_MAX:
                 os.ftruncate(dirs.input_fd, 0)  # an idle slot keeps no large copy
-            if stat.S_IMODE(mine.st_mode) != 0o444:
+            if stat.S_IMODE(copy.st_mode) != 0o444:
                 os.fchmod(dirs.input_fd, 0o444)
     except OSError:
         return False
@@ -410,14 +428,9 @@ def execute(job: Job, procs: ProcessTable, slots: Slots) -> Result:
                  ok=False, started_at=started, finished_at=started,
                  retries=step.policy.retries, retry_delay=step.policy.retry_delay)
     dirs = None
-    large = slots.large if c.input_size > AHEAD_MAX else None
-    if large is not None:
-        large.acquire()
     try:
-        slot = slots.acquire()
+        slot = slots.acquire(c.input_size)
     except OSError as e:
-        if large is not None:
-            large.release()
         res.interrupted, res.store_trouble = True, True
         res.error = f"cannot prepare scratch space in {slots.scratch}: {e.strerror}"
         return res
@@ -435,8 +448,6 @@ def execute(job: Job, procs: ProcessTable, slots: Slots) -> Result:
     finally:
         res.finished_at = time.time()
         slots.release(slot, dirs)
-        if large is not None:
-            large.release()
         timeline.mark(c.task_id, "finished")
     return res
 
@@ -630,6 +641,7 @@ def collect_outputs(dirs: AttemptDirs, store: ObjectStore, cancel=None, *,
             return [], f"output '{name}' is a directory; only regular files directly in OUTPUT_DIR are outputs"
         if not e.is_file(follow_symlinks=False):
             return [], f"output '{name}' is not a regular file (a FIFO, socket or device)"
+
     def store_each(names: list[str]) -> list[tuple[str, str, int] | str]:
         """Each output stored (name, hash, size), up to the first that cannot be: its problem, a string."""
         done: list[tuple[str, str, int] | str] = []
@@ -654,7 +666,8 @@ def collect_outputs(dirs: AttemptDirs, store: ObjectStore, cancel=None, *,
     return outputs, None
 
 
-def _store_output(dirs: AttemptDirs, store: ObjectStore, name: str, cancel, keep: bool) -> tuple[str, str, int] | str:
+def _store_output(dirs: AttemptDirs, store: ObjectStore, name: str, cancel: Callable[[], bool] | None,
+                  keep: bool) -> tuple[str, str, int] | str:
     """Store (or with `keep` false, only hash) one output; returns it, or why it cannot be an output."""
     try:
         fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=dirs.out_fd)

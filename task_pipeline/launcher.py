@@ -65,6 +65,7 @@ class Launcher:
         self.control, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         self._lock = threading.Lock()
         self._local = threading.local()
+        self._sockets: list[socket.socket] = []   # every worker's, closed with the launcher
         env = dict(os.environ)
         # the engine's own package must be importable however it was started (a checkout, PYTHONPATH)
         here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -87,6 +88,8 @@ class Launcher:
             finally:
                 theirs.close()
             self._local.sock = s
+            with self._lock:
+                self._sockets.append(s)
         return s
 
     def _send(self, msg: tuple, fds: list[int] = ()) -> None:
@@ -135,10 +138,11 @@ class Launcher:
 
     def stop(self) -> None:
         """End the launcher (it kills whatever still runs) and wait for it."""
-        try:
-            self.control.close()
-        except OSError:
-            pass
+        for s in [self.control, *self._sockets]:
+            try:
+                s.close()
+            except OSError:
+                pass
         try:
             self.proc.wait(timeout=10)
         except subprocess.TimeoutExpired:

@@ -43,7 +43,6 @@ from typing import Callable, Protocol
 
 import anyio
 import anyio.from_thread
-import anyio.lowlevel
 import anyio.to_thread
 
 from task_pipeline import housekeeping, state, timeline
@@ -55,6 +54,7 @@ from task_pipeline.state import Claimed, CommitReport, Result, Summary
 from task_pipeline.store import ObjectStore
 
 MAX_WAITING = 4096     # finished results awaiting their commit before claiming pauses (bounds memory)
+WORKERS_PER_SCRIPT = 2  # workers per script slot: the others prepare inputs and store outputs meanwhile
 LOOKAHEAD = 16         # tasks leased beyond the running ones, so that a finishing worker finds the next...
 LEASE_AHEAD = 0.25     # ...or, once tasks are seen to be short, this many seconds of work (at most MAX_AHEAD)
 MAX_AHEAD = 256
@@ -286,9 +286,9 @@ async def run_engine(db: Db, store: ObjectStore, opts: EngineOptions, reporter: 
     base_env = {k: v for k, v in os.environ.items() if k not in opts.env_drop}
     cwd = Path.cwd()
     lookahead = max(opts.parallel, LOOKAHEAD)
-    # Twice as many workers as scripts may run: while `parallel` of them wait for their scripts, the
-    # others prepare the next attempts and store the last ones' outputs (the launcher holds the line).
-    workers = 2 * opts.parallel
+    # More workers than scripts may run: while `parallel` of them wait for their scripts, the others
+    # prepare the next attempts and store the last ones' outputs (the launcher holds the line).
+    workers = WORKERS_PER_SCRIPT * opts.parallel
     board = Board(workers, lookahead, scripts=opts.parallel)
     threads = anyio.CapacityLimiter(workers)
     summary = Summary()
@@ -314,12 +314,12 @@ async def run_engine(db: Db, store: ObjectStore, opts: EngineOptions, reporter: 
     # Workers tell the event loop without waiting for it: a blocking anyio.from_thread.run_sync per
     # result cost a round trip through the loop thread (and its GIL hand-offs) on every tiny task.
     poked = threading.Event()   # a poke is on its way: no need for another
-    loop_token = _call_soon_threadsafe()
+    call_soon = asyncio.get_running_loop().call_soon_threadsafe  # (anyio.run's backend is asyncio)
 
     def poke_from_thread() -> None:
         if not poked.is_set():
             poked.set()
-            loop_token(poke)
+            call_soon(poke)
 
     def work() -> None:
         """A worker thread's life: run tasks until the board closes. If anything escapes
@@ -616,16 +616,6 @@ async def run_engine(db: Db, store: ObjectStore, opts: EngineOptions, reporter: 
     return summary
 
 
-def _call_soon_threadsafe() -> Callable[[Callable[[], None]], None]:
-    """A way for threads to have the event loop call a function soon, without waiting for it."""
-    try:
-        loop = asyncio.get_running_loop()
-    except RuntimeError:  # not asyncio (trio): its token does the same, waiting for the call
-        token = anyio.lowlevel.current_token()
-        return lambda fn: anyio.from_thread.run_sync(fn, token=token)
-    return loop.call_soon_threadsafe
-
-
 class EngineFailure(StoreError):
     """Something inside the engine failed; leased work was given back."""
 
@@ -650,7 +640,7 @@ def _sync(store: ObjectStore) -> None:
 
 
 def _caps(pipe: state.Pipeline, *, opts: EngineOptions, running: Counter,
-          queued: dict[str, int], ahead: int = LOOKAHEAD) -> dict[str, int]:
+          queued: dict[str, int], ahead: int) -> dict[str, int]:
     """How many more tasks each step may lease now: its limit plus a look-ahead batch waiting, so that
     a finishing worker finds the next task ready. A step with its own `parallel` limit leases no more
     than that limit (which holds across every runner on the store: see state.claim), so that a
@@ -664,7 +654,7 @@ def _caps(pipe: state.Pipeline, *, opts: EngineOptions, running: Counter,
         if step.policy.parallel is not None:
             n = min(step.policy.parallel, opts.parallel) - have
         else:
-            n = 2 * opts.parallel + max(opts.parallel, ahead) - have
+            n = WORKERS_PER_SCRIPT * opts.parallel + ahead - have
         if n > 0:
             caps[step.name] = n
     return caps
