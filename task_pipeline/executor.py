@@ -52,14 +52,6 @@ PARALLEL_STORE_FROM = 64  # outputs of one attempt from which two threads store 
 AHEAD_MAX = 256 * 1024  # bytes: an input up to this size is copied in while the attempt waits for a script slot
 STDERR_RESERVE = 64 * 1024  # bytes of disk held for each script's stderr, so a full disk cannot silence it
 
-try:
-    import ctypes
-    import ctypes.util
-
-    _fallocate = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True).fallocate
-    _fallocate.argtypes = (ctypes.c_int, ctypes.c_int, ctypes.c_long, ctypes.c_long)
-except (OSError, AttributeError):  # not Linux
-    _fallocate = None
 _FALLOC_FL_KEEP_SIZE = 1
 
 
@@ -79,8 +71,11 @@ def _reserve(fd: int, size: int) -> None:
     """Allocate disk blocks for a file without changing its size. When the disk fills up, the
     script's complaint ("No space left on device") still reaches its stderr, which is how we
     tell a full disk from a script's own failure."""
-    if _fallocate is not None:
-        _fallocate(fd, _FALLOC_FL_KEEP_SIZE, 0, size)  # best effort: unsupported filesystems just don't reserve
+    import ctypes  # here, not at import: most runs never get near a full disk
+
+    fallocate = fsutil.libc_function("fallocate", ctypes.c_int, ctypes.c_int, ctypes.c_long, ctypes.c_long)
+    if fallocate is not None:
+        fallocate(fd, _FALLOC_FL_KEEP_SIZE, 0, size)  # best effort: unsupported filesystems just don't reserve
 
 
 class StoreWriteError(Exception):

@@ -10,12 +10,29 @@ given. Directories are created with fixed modes, whatever the umask.
 
 from __future__ import annotations
 
+import functools
 import os
 import stat
 
 from task_pipeline.errors import StoreError
 
 DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+
+
+@functools.cache
+def libc_function(name: str, *argtypes):
+    """A C library function Python's os module lacks (syncfs, fallocate with flags), or None where
+    there is none. Looked up in the process's own symbols on first use: ctypes.util.find_library
+    runs `ldconfig -p` in a subprocess, milliseconds of every command's start."""
+    try:
+        import ctypes
+
+        fn = getattr(ctypes.CDLL(None, use_errno=True), name)
+    except (OSError, AttributeError):
+        return None
+    if argtypes:
+        fn.argtypes = argtypes
+    return fn
 
 
 def open_dir(name: str, dir_fd: int | None = None) -> int:

@@ -21,8 +21,6 @@ that task by name instead of poisoning its results).
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 import errno
 import hashlib
 import os
@@ -41,12 +39,6 @@ _BLAKE3_THREADS_FROM = 16 << 20  # below this, threading costs more than it gain
 DIR_MODE = 0o750     # objects/ and its shard directories
 TMP_MODE = 0o700     # tmp/: scratch of running scripts and objects being written
 OBJECT_MODE = 0o444
-
-try:
-    _syncfs = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True).syncfs
-except (OSError, AttributeError):  # not Linux: fall back to sync()
-    _syncfs = None
-
 
 @dataclass(frozen=True)
 class ObjectEntry:
@@ -374,7 +366,8 @@ class Store:
         """Flush everything written to the store's filesystem (objects and their directory entries)."""
         fd = os.open(self.objects, os.O_RDONLY | os.O_DIRECTORY)
         try:
-            if _syncfs is None or _syncfs(fd) != 0:
+            syncfs = fsutil.libc_function("syncfs")
+            if syncfs is None or syncfs(fd) != 0:  # not Linux, or it failed: sync() everything
                 os.sync()
         finally:
             os.close(fd)
