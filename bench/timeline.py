@@ -32,8 +32,8 @@ import throughput  # noqa: E402 - the same pipeline as the throughput figures
 ROOT = Path(__file__).resolve().parent.parent
 STAGES = ("leased", "taken", "ready", "received", "slot", "spawned", "exited", "finished", "committed")
 SPANS = (("taken", "ready", "prepare: directories, input copy", "#9ecae1"),
-         ("ready", "received", "to the launcher", "#fee391"),
-         ("received", "slot", "wait for a script slot", "#f0f0f0"),
+         ("ready", "received", "wait for a script slot (the request waits in its socket)", "#f0f0f0"),
+         ("received", "slot", "the launcher reads it", "#fee391"),
          ("slot", "spawned", "spawn", "#fdae6b"),
          ("spawned", "exited", "script", "#31a354"),
          ("exited", "finished", "collect: outputs, logs, clean up", "#de2d26"))

@@ -25,11 +25,12 @@ and on a control socket, engine -> launcher, no reply:
   ("signal", sig)     every running script's group    ("kill", [task, ...]) those tasks' groups
   ("close",)          start nothing more (queued requests are answered "skipped")
 The launcher ends, killing what still runs, when the control socket closes (the engine
-ended, or died).
+ended, or died). While every slot is taken, requests wait unread in their sockets.
 """
 
 from __future__ import annotations
 
+import array
 import heapq
 import marshal
 import os
@@ -182,6 +183,8 @@ class _Server:
         self.running: dict[int, _Job] = {}     # pid -> job
         self.timers: list[tuple[float, int]] = []
         self.closed = False
+        self.workers: list[socket.socket] = []
+        self.listening = True                  # the workers' sockets are in the selector
         self.children = f"/proc/{os.getpid()}/task/{os.getpid()}/children"
         try:
             import ctypes
@@ -239,15 +242,35 @@ class _Server:
                 elif what == "control":
                     if not self.on_control():
                         return
-                else:
+                elif key.fileobj in self.workers:  # (a drain above may have found it closed)
                     self.on_request(key.fileobj)
             self.expire()
             self.reap()
             self.start_queued()
+            self.listen(self.closed or len(self.running) < self.parallel)
+
+    def listen(self, on: bool) -> None:
+        """Watch the workers' sockets only while a request could be acted on. With every slot taken,
+        a request waits in its socket, not in our queue: reading it at once cost a wake-up of this
+        process per task (two context switches, on a machine whose cores the scripts keep busy)."""
+        if on == self.listening:
+            return
+        for w in self.workers:
+            if on:
+                self.sel.register(w, selectors.EVENT_READ, "worker")
+            else:
+                self.sel.unregister(w)
+        self.listening = on
+
+    def drain(self) -> None:
+        """Every request waiting in a socket into the queue, for a kill to find the ones it names."""
+        for w in list(self.workers):
+            while self.on_request(w, socket.MSG_DONTWAIT):
+                pass
 
     def on_control(self) -> bool:
         try:
-            data, fds, _, _ = socket.recv_fds(self.control, MAX_MESSAGE, MAX_FDS)
+            data, fds = _recv(self.control)
         except OSError:
             data, fds = b"", []
         if not data:
@@ -258,11 +281,14 @@ class _Server:
         msg = marshal.loads(data)
         if msg[0] == "socket":
             s = socket.socket(fileno=fds[0])
-            self.sel.register(s, selectors.EVENT_READ, "worker")
+            self.workers.append(s)
+            if self.listening:
+                self.sel.register(s, selectors.EVENT_READ, "worker")
         elif msg[0] == "signal":
             for job in self.running.values():
                 _killpg(job.pid, msg[1])
         elif msg[0] == "kill":
+            self.drain()
             doomed = set(msg[1])
             for job in self.running.values():
                 if job.task in doomed:
@@ -271,20 +297,25 @@ class _Server:
                 self.queue.remove(job)
                 self.answer(job, ("skipped",))
         elif msg[0] == "close":
-            self.closed = True
+            self.closed = True   # (requests still in their sockets are read, and skipped, next: see serve)
             while self.queue:
                 self.answer(self.queue.popleft(), ("skipped",))
         return True
 
-    def on_request(self, sock: socket.socket) -> None:
+    def on_request(self, sock: socket.socket, flags: int = 0) -> bool:
+        """Read one request into the queue; False if there was none waiting (or the worker is gone)."""
         try:
-            data, fds, _, _ = socket.recv_fds(sock, MAX_MESSAGE, MAX_FDS)
+            data, fds = _recv(sock, flags)
+        except BlockingIOError:
+            return False
         except OSError:
             data, fds = b"", []
         if not data:
-            self.sel.unregister(sock)
+            if self.listening:
+                self.sel.unregister(sock)
+            self.workers.remove(sock)
             sock.close()
-            return
+            return False
         for fd in fds:
             os.set_inheritable(fd, False)
         msg = marshal.loads(data)
@@ -301,6 +332,7 @@ class _Server:
             self.answer(job, ("skipped",))
         else:
             self.queue.append(job)
+        return True
 
     def start_queued(self) -> None:
         while self.queue and len(self.running) < self.parallel:
@@ -388,6 +420,17 @@ class _Server:
                 os.waitpid(pid, 0)
             except ChildProcessError:
                 pass
+
+
+def _recv(sock: socket.socket, flags: int = 0) -> tuple[bytes, list[int]]:
+    """One message and the descriptors that came with it. Not socket.recv_fds: it drops its
+    `flags` argument (CPython 3.11 and 3.12), and MSG_DONTWAIT is what drain() needs."""
+    fds = array.array("i")
+    data, ancdata, _, _ = sock.recvmsg(MAX_MESSAGE, socket.CMSG_LEN(MAX_FDS * fds.itemsize), flags)
+    for level, kind, payload in ancdata:
+        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+            fds.frombytes(payload[:len(payload) - len(payload) % fds.itemsize])
+    return data, list(fds)
 
 
 def _killpg(pgid: int, sig: int) -> bool:

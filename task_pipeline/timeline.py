@@ -3,8 +3,8 @@
 Off unless TASK_PIPELINE_TIMELINE names a file. Then every stage a task passes is kept
 in memory, (task id, stage, monotonic seconds, thread id), and written to that file as
 JSON lines when the engine ends. bench/timeline.py draws it. Stages, in order:
-leased, taken (a worker has it), ready (its input is in place), received (by the launcher),
-spawned (once a script slot was free), exited,
+leased, taken (a worker has it), ready (its input is in place), received (read by the
+launcher, once one of its script slots is free), slot, spawned, exited,
 finished (outputs stored, directories emptied), committed. The engine's own work is
 task -1: sync+/sync- around a store flush, commit+/commit-, claim+/claim-.
 """

@@ -172,3 +172,46 @@ def test_a_large_fan_out_is_stored_whole_by_two_threads(cli):
         assert rows[f"done_{i}"] == hashlib.sha256(f"item {i % 150}\n".encode()).hexdigest(), i
     assert len(set(rows.values())) == 150
     cli.ok("-db", cli.db, "fsck")
+
+
+def test_requests_waiting_in_their_sockets_are_answered_by_kill_and_close(tmp_path):
+    """While every script slot is taken, the launcher leaves new requests in their sockets (reading
+    them cost a wake-up per task). A kill or a close must still find them: a worker waiting for an
+    answer that never comes would hang the run (it did, with --fail-fast, before drain())."""
+    import os
+    import threading
+    import time
+
+    from task_pipeline.launcher import Launcher
+
+    launcher = Launcher(1)
+    devnull = os.open(os.devnull, os.O_RDWR)
+    replies: dict[int, tuple] = {}
+
+    def run(task: int, script: str) -> None:
+        replies[task] = launcher.run(task, "/bin/sh", ["sh", "-c", script], {"PATH": os.defpath}, str(tmp_path),
+                                     None, 1.0, (devnull, devnull, devnull))
+
+    try:
+        slot = threading.Thread(target=run, args=(1, "sleep 5"))
+        slot.start()
+        time.sleep(0.5)  # the first script holds the only slot
+        waiting = [threading.Thread(target=run, args=(t, f"touch {tmp_path}/ran-{t}")) for t in (2, 3)]
+        for w in waiting:
+            w.start()
+        time.sleep(0.3)  # both requests are in their sockets now, unread
+        began = time.monotonic()
+        launcher.kill({2})
+        waiting[0].join(timeout=3)
+        assert replies.get(2) == ("skipped",), replies
+        launcher.close_gate()
+        waiting[1].join(timeout=3)
+        assert replies.get(3) == ("skipped",), replies
+        assert time.monotonic() - began < 3, "the answers waited for the running script"
+        assert not list(tmp_path.glob("ran-*")), "a killed or closed request ran anyway"
+        launcher.kill({1})
+        slot.join(timeout=5)
+        assert replies[1][0] == "exited" and replies[1][1] == -9, replies
+    finally:
+        launcher.stop()
+        os.close(devnull)
