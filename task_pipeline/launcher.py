@@ -246,8 +246,15 @@ class _Server:
                     self.on_request(key.fileobj)
             self.expire()
             self.reap()
-            self.start_queued()
+            self.fill()
             self.listen(self.closed or len(self.running) < self.parallel)
+
+    def fill(self) -> None:
+        """Start queued scripts while a slot is free, taking in first the requests that waited in
+        their sockets while every slot was taken (without a trip through select)."""
+        if not self.listening and not self.closed and len(self.running) < self.parallel:
+            self.drain()
+        self.start_queued()
 
     def listen(self, on: bool) -> None:
         """Watch the workers' sockets only while a request could be acted on. With every slot taken,
@@ -263,7 +270,7 @@ class _Server:
         self.listening = on
 
     def drain(self) -> None:
-        """Every request waiting in a socket into the queue, for a kill to find the ones it names."""
+        """Every request waiting in a socket into the queue (for a free slot, or a kill to look at)."""
         for w in list(self.workers):
             while self.on_request(w, socket.MSG_DONTWAIT):
                 pass
@@ -389,7 +396,7 @@ class _Server:
         if not ended:
             return
         # The next scripts start first: the checks below are not theirs to wait for.
-        self.start_queued()
+        self.fill()
         for job, status, exited_at, left in ended:
             # A process that left the group shows among our children, as an orphan not seen
             # before: it may be any running attempt's, so none of them counts as clean.
