@@ -33,7 +33,7 @@ ROOT = Path(__file__).resolve().parent.parent
 STAGES = ("leased", "taken", "ready", "received", "slot", "spawned", "exited", "finished", "committed")
 SPANS = (("taken", "ready", "prepare: directories, input copy", "#9ecae1"),
          ("ready", "received", "wait for a script slot (the request waits in its socket)", "#f0f0f0"),
-         ("received", "slot", "the launcher reads it", "#fee391"),
+         ("received", "slot", "read, in the launcher's queue", "#fee391"),
          ("slot", "spawned", "spawn", "#fdae6b"),
          ("spawned", "exited", "script", "#31a354"),
          ("exited", "finished", "collect: outputs, logs, clean up", "#de2d26"))
