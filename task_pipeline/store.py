@@ -40,6 +40,7 @@ DIR_MODE = 0o750     # objects/ and its shard directories
 TMP_MODE = 0o700     # tmp/: scratch of running scripts and objects being written
 OBJECT_MODE = 0o444
 
+
 @dataclass(frozen=True)
 class ObjectEntry:
     """One thing found where objects live, as gc and fsck see it."""
