@@ -65,12 +65,19 @@ def make_dir(name: str, mode: int, dir_fd: int | None = None) -> None:
 
 
 def make_dirs(path: str, mode: int) -> None:
-    """`mkdir -p` where every directory it creates gets `mode` (os.makedirs gives parents 0777 & ~umask)."""
-    if os.path.isdir(path):
+    """`mkdir -p` where every directory it creates gets `mode` (os.makedirs gives parents 0777 & ~umask).
+    The directory itself is tried first: a new object's shard directory usually has its parent
+    already, and looking before leaping cost a stat of each level on every new object."""
+    try:
+        make_dir(path, mode)
         return
-    parent = os.path.dirname(path.rstrip("/"))
-    if parent and parent != path:
-        make_dirs(parent, mode)
+    except FileExistsError:
+        return
+    except FileNotFoundError:
+        parent = os.path.dirname(path.rstrip("/"))
+        if not parent or parent == path:
+            raise
+    make_dirs(parent, mode)
     try:
         make_dir(path, mode)
     except FileExistsError:
