@@ -275,11 +275,13 @@ def test_the_dedup_touch_protects_an_object_in_process():
         store = Store.at(Path(d))
         store.create_dirs()
         h, _ = store.ingest_bytes(b"same\n")
-        before = obj(Path(d), h).stat().st_ctime
+        first = obj(Path(d), h).stat()
         age_past_gc_slack()
-        store.ingest_bytes(b"same\n")
-        after = obj(Path(d), h).stat().st_ctime
-        assert after > before
+        # another runner's store (its shard directories not seen yet) must find and touch it too,
+        # not store its copy over it
+        Store.at(Path(d)).ingest_bytes(b"same\n")
+        now = obj(Path(d), h).stat()
+        assert now.st_ctime > first.st_ctime and now.st_ino == first.st_ino
         rep = housekeeping.gc(conn, store, store.tmp, cutoff=time.time() - housekeeping.GC_SLACK)
         assert rep.removed == 0 and rep.kept_recent == 1
         rep = housekeeping.gc(conn, store, store.tmp, cutoff=time.time() + 10)
