@@ -120,9 +120,10 @@ class ProcessTable:
         return n
 
     def close_gate(self) -> None:
-        """Start no more scripts: those waiting for a slot come back not started."""
-        self.closed = True
-        self.launcher.close_gate()
+        """Start no more scripts: those waiting for a slot come back not started. Once is enough."""
+        if not self.closed:
+            self.closed = True
+            self.launcher.close_gate()
 
     def close(self) -> None:
         self.launcher.stop()

@@ -45,6 +45,8 @@ import time
 from collections import deque
 from dataclasses import dataclass
 
+from task_pipeline.fsutil import libc_function
+
 # Python ignores these; a script must get them as a shell would (`yes | head` ends on SIGPIPE)
 _DEFAULT_SIGNALS = tuple(getattr(signal, n) for n in ("SIGPIPE", "SIGXFSZ", "SIGXFZ") if hasattr(signal, n))
 MAX_MESSAGE = 64 * 1024  # larger requests (a huge environment or script) travel in a memfd
@@ -186,13 +188,9 @@ class _Server:
         self.workers: list[socket.socket] = []
         self.listening = True                  # the workers' sockets are in the selector
         self.children = f"/proc/{os.getpid()}/task/{os.getpid()}/children"
-        try:
-            import ctypes
-            libc = ctypes.CDLL(None, use_errno=True)
-            ok = libc.prctl(_PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) == 0 and os.access(self.children, os.R_OK)
-        except (OSError, AttributeError):
-            ok = False
-        self.subreaper = ok
+        prctl = libc_function("prctl")
+        self.subreaper = (prctl is not None and prctl(_PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) == 0
+                          and os.access(self.children, os.R_OK))
         self.known: frozenset[int] = self.orphans() or frozenset()   # orphans seen so far, still running
         self.cwd = os.getcwd()
         r, self.wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)

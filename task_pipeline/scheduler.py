@@ -302,8 +302,7 @@ async def run_engine(db: Db, store: ObjectStore, opts: EngineOptions, reporter: 
 
     def close_board() -> list[Claimed]:
         """No more tasks handed out, and no more scripts started; returns the tasks leased but not taken."""
-        if not procs.closed:
-            procs.close_gate()
+        procs.close_gate()
         return board.close()
 
     def poke() -> None:
